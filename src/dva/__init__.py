@@ -1,0 +1,3 @@
+"""dva: distributed virtual network appliances."""
+
+__version__ = "0.1.0"
