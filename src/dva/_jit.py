@@ -1,0 +1,40 @@
+"""The one place that decides how hot loops are compiled.
+
+Every per-packet kernel in dva is decorated with :func:`kernel`. With numba's JIT on
+(the default) it is an ``njit(cache=True)`` function; with ``NUMBA_DISABLE_JIT=1`` in
+the environment numba hands back the plain Python function, which is the readable
+reference the differential tests compare against. Kernels are therefore written in
+the subset of Python that means the same in both modes: array reads are wrapped in
+``int()`` so that numpy's fixed-width scalar arithmetic never differs from numba's
+int64 arithmetic, and 32-bit results are masked explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+
+JIT_ENABLED = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
+
+
+def kernel(fn):
+    """Compile ``fn`` as a cached, GIL-free numba kernel (or leave it as Python)."""
+    return numba.njit(cache=True, nogil=True)(fn)
+
+
+if JIT_ENABLED:
+    import numpy as np
+
+    @numba.njit(inline="always", cache=True)
+    def i64(x):
+        """Widen an array element to a signed 64-bit int before arithmetic.
+
+        numba's ``int()`` keeps ``uint8`` as ``uint8``, whose shifts type as unsigned
+        and whose unification with int64 gives float64; numpy scalars overflow where
+        Python ints do not. Reading through ``i64`` gives int64 when compiled and an
+        exact Python int in the reference, and both agree on every masked result.
+        """
+        return np.int64(x)
+else:
+    i64 = int

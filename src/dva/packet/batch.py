@@ -1,0 +1,92 @@
+"""``PacketBatch``: slot ids plus per-packet metadata, the unit every stage works on.
+
+A batch does not own packet bytes; it names slots of a :class:`PacketPool` and keeps
+one metadata row per packet (columns in :mod:`dva.packet.layout`). Device kernels may
+append rows (generated packets: flood copies, ARP requests, ICMP errors) up to the
+batch's capacity. Batches are reused: ``clear()`` forgets the rows but not the slots,
+which the owner releases or hands on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from dva.packet import layout as L
+from dva.packet.pool import PacketPool, PoolExhausted
+
+
+class PacketBatch:
+    __slots__ = ("pool", "meta", "n")
+
+    def __init__(self, pool: PacketPool, capacity: int = 256) -> None:
+        if capacity <= 0:
+            raise ValueError("batch capacity must be positive")
+        self.pool = pool
+        self.meta = np.zeros((capacity, L.NFIELDS), dtype=np.int64)
+        self.n = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.meta.shape[0]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Grow the metadata matrix (keeping rows) to hold at least ``capacity``."""
+        if capacity > self.capacity:
+            meta = np.zeros((max(capacity, 2 * self.capacity), L.NFIELDS), np.int64)
+            meta[: self.n] = self.meta[: self.n]
+            self.meta = meta
+
+    def col(self, field: int) -> np.ndarray:
+        """A view of one metadata column over the live rows."""
+        return self.meta[: self.n, field]
+
+    def add_frame(self, frame: bytes, *, in_port: int = 0, tenant: int = 0,
+                  origin: int = -1) -> int:
+        """Copy ``frame`` into a fresh slot and append a row for it; returns the row."""
+        slot = self.pool.alloc()
+        try:
+            self.pool.write(slot, frame)
+        except ValueError:
+            self.pool.release(slot)
+            raise
+        self.ensure_capacity(self.n + 1)
+        i = self.n
+        row = self.meta[i]
+        row[:] = 0
+        row[L.SLOT] = slot
+        row[L.START] = self.pool.headroom
+        row[L.LEN] = len(frame)
+        row[L.IN_PORT] = in_port
+        row[L.TENANT] = tenant
+        row[L.ORIGIN] = origin
+        row[L.VLAN] = -1
+        self.n = i + 1
+        return i
+
+    def add_frames(self, frames: Iterable[bytes], **kw) -> None:
+        for f in frames:
+            self.add_frame(f, **kw)
+
+    def frame(self, i: int) -> bytes:
+        row = self.meta[i]
+        return self.pool.read(int(row[L.SLOT]), int(row[L.START]), int(row[L.LEN]))
+
+    def frames(self) -> list[bytes]:
+        return [self.frame(i) for i in range(self.n)]
+
+    def release_all(self) -> None:
+        """Return every slot of the batch to the pool and empty it."""
+        for s in self.meta[: self.n, L.SLOT]:
+            self.pool.release(int(s))
+        self.n = 0
+
+
+__all__ = ["PacketBatch", "PacketPool", "PoolExhausted"]

@@ -1,0 +1,112 @@
+"""Internet checksums (RFC 1071) and incremental updates (RFC 1624), as kernels.
+
+``pkt`` arguments are ``uint8`` views of one frame; offsets are frame-relative.
+"""
+
+from __future__ import annotations
+
+from dva._jit import i64, kernel
+from dva.packet import layout as L
+
+
+@kernel
+def rd16(pkt, off):
+    return (i64(pkt[off]) << 8) | i64(pkt[off + 1])
+
+
+@kernel
+def rd32(pkt, off):
+    return (rd16(pkt, off) << 16) | rd16(pkt, off + 2)
+
+
+@kernel
+def wr16(pkt, off, value):
+    pkt[off] = (value >> 8) & 0xFF
+    pkt[off + 1] = value & 0xFF
+
+
+@kernel
+def wr32(pkt, off, value):
+    wr16(pkt, off, (value >> 16) & 0xFFFF)
+    wr16(pkt, off + 2, value & 0xFFFF)
+
+
+@kernel
+def csum_add(pkt, off, length, acc):
+    """Add ``length`` bytes at ``off`` as big-endian 16-bit words to ``acc`` (unfolded)."""
+    end = off + length
+    i = off
+    while i + 1 < end:
+        acc += (i64(pkt[i]) << 8) | i64(pkt[i + 1])
+        i += 2
+    if i < end:
+        acc += i64(pkt[i]) << 8
+    return acc
+
+
+@kernel
+def csum_fold(acc):
+    """Fold a 32+-bit sum into 16 bits and complement it: the value to store."""
+    while acc > 0xFFFF:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return (~acc) & 0xFFFF
+
+
+@kernel
+def ipv4_header_checksum(pkt, l3):
+    """The checksum the IPv4 header at ``l3`` should carry (its own field skipped)."""
+    ihl = (i64(pkt[l3]) & 0xF) * 4
+    acc = csum_add(pkt, l3, 10, 0)
+    acc = csum_add(pkt, l3 + 12, ihl - 12, acc)
+    return csum_fold(acc)
+
+
+@kernel
+def ipv4_header_ok(pkt, l3):
+    ihl = (i64(pkt[l3]) & 0xF) * 4
+    return csum_fold(csum_add(pkt, l3, ihl, 0)) == 0
+
+
+@kernel
+def pseudo_header_sum(pkt, l3, is_v6, proto, l4len):
+    """Unfolded sum of the IPv4 or IPv6 pseudo-header of a transport segment."""
+    if is_v6:
+        acc = csum_add(pkt, l3 + 8, 32, 0)
+    else:
+        acc = csum_add(pkt, l3 + 12, 8, 0)
+    return acc + proto + l4len
+
+
+@kernel
+def l4_checksum(pkt, l3, l4, l4len, proto, is_v6, csum_off):
+    """The checksum a TCP/UDP/ICMPv6 (pseudo-header) or ICMP (none) segment should carry.
+
+    ``csum_off`` is the offset of the checksum field inside the L4 header; it is
+    skipped, so the result does not depend on what the field holds now.
+    """
+    if proto == L.PROTO_ICMP:
+        acc = 0
+    else:
+        acc = pseudo_header_sum(pkt, l3, is_v6, proto, l4len)
+    acc = csum_add(pkt, l4, csum_off, acc)
+    acc = csum_add(pkt, l4 + csum_off + 2, l4len - csum_off - 2, acc)
+    c = csum_fold(acc)
+    if proto == L.PROTO_UDP and c == 0:
+        c = 0xFFFF  # RFC 768: a computed zero is sent as all ones
+    return c
+
+
+@kernel
+def csum_update16(csum, old, new):
+    """RFC 1624 eqn. 3: the checksum after one 16-bit word changed from old to new."""
+    acc = ((~csum) & 0xFFFF) + ((~old) & 0xFFFF) + (new & 0xFFFF)
+    while acc > 0xFFFF:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return (~acc) & 0xFFFF
+
+
+@kernel
+def csum_update32(csum, old, new):
+    """The checksum after one 32-bit field (an IPv4 address) changed."""
+    c = csum_update16(csum, (old >> 16) & 0xFFFF, (new >> 16) & 0xFFFF)
+    return csum_update16(c, old & 0xFFFF, new & 0xFFFF)
