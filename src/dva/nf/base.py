@@ -1,0 +1,167 @@
+"""The device contract: what every network function declares and does.
+
+A device type is one module with
+
+* a frozen pydantic config model (subclass of :class:`DeviceConfig`, ``extra`` keys
+  rejected) whose ``port_names()`` gives the device's named ports, in order;
+* a state object (subclass of :class:`DeviceState`) holding **all** mutable state:
+  flow state in :class:`~dva.nf.table.HashTable` s keyed within a flow bucket
+  (exportable/importable by bucket set) and shared state (MAC tables, ARP caches,
+  leases) kept apart so it can be replicated; plus the device's event counters;
+* the declared ``drop_reasons`` (counted as ``/nf/<type>/<reason>``), ``counters``
+  (events that are not drops) and ``notes`` (why-codes shown by ``dva trace``);
+* ``process(batch, state, now)``: sets each packet's ``VERDICT`` (and ``MASK``).
+
+Verdicts (column ``layout.VERDICT``):
+
+* ``p >= 0`` -- send out port ``p``;
+* ``MULTI`` -- send a copy out every port whose bit is set in column ``MASK``
+  (flooding); the bytes are identical on every port;
+* ``HOLD`` -- the device keeps the slot (e.g. waiting for ARP) and emits it later;
+* ``drop_code(r)`` -- dropped for declared reason number ``r``.
+
+``process`` may append rows to the batch (packets it generates: flood copies with a
+different encoding, ARP requests, ICMP errors) up to ``n_in * (1 + max_emit) +
+emit_reserve`` rows, which the engine guarantees fit. The device instance itself is
+immutable after construction (config and tables compiled from it); it never keeps
+state on ``self``. ``now`` is passed in: devices read no clock.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from abc import ABC, abstractmethod
+from typing import Annotated, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, StringConstraints
+
+from dva._jit import kernel
+from dva.nf.table import HashTable
+
+MULTI = -1
+HOLD = -2
+DROP_BASE = -3
+MAX_PORTS = 63  # output masks are one int64 per packet
+
+NAME_RE = r"^[A-Za-z][A-Za-z0-9_-]{0,31}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_RE)]
+_name_re = re.compile(NAME_RE)
+
+
+@kernel
+def drop_code(reason):
+    """The verdict for a drop with declared reason number ``reason``."""
+    return DROP_BASE - reason
+
+
+def drop_reason_of(verdict: int) -> int:
+    return DROP_BASE - verdict
+
+
+class DeviceConfig(BaseModel):
+    """Base of every device config model: strict and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+
+    def port_names(self) -> list[str]:  # pragma: no cover - every device overrides
+        raise NotImplementedError
+
+
+class DeviceState:
+    """Base of every device state.
+
+    Subclasses put their tables in ``flow_tables`` (per flow bucket, moved between
+    workers) and ``shared_tables`` (replicated), each a dict name -> HashTable.
+    """
+
+    def __init__(self, n_events: int) -> None:
+        self.events = np.zeros(max(n_events, 1), np.int64)
+        self.flow_tables: dict[str, HashTable] = {}
+        self.shared_tables: dict[str, HashTable] = {}
+
+    # Flow state moves with its buckets.
+    def export_flows(self, buckets, now: float) -> bytes:
+        return _pack({name: t.export_buckets(buckets, now)
+                      for name, t in self.flow_tables.items()})
+
+    def import_flows(self, data: bytes, now: float) -> int:
+        return _unpack_into(self.flow_tables, data, now)
+
+    def remove_flows(self, buckets, now: float) -> int:
+        return sum(t.remove_buckets(buckets, now) for t in self.flow_tables.values())
+
+    # Shared state is copied whole.
+    def export_shared(self, now: float) -> bytes:
+        return _pack({name: t.export_buckets(None, now)
+                      for name, t in self.shared_tables.items()})
+
+    def import_shared(self, data: bytes, now: float) -> int:
+        return _unpack_into(self.shared_tables, data, now)
+
+    def maintain(self, now: float) -> int:
+        """Per-batch upkeep of every table; returns entries expired."""
+        n = 0
+        for t in self.flow_tables.values():
+            n += t.maintain(now)
+        for t in self.shared_tables.values():
+            n += t.maintain(now)
+        return n
+
+
+def _pack(parts: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.frombuffer(v, np.uint8) for k, v in parts.items()})
+    return buf.getvalue()
+
+
+def _unpack_into(tables: dict[str, HashTable], data: bytes, now: float) -> int:
+    n = 0
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        unknown = set(z.files) - set(tables)
+        if unknown:
+            raise ValueError(f"state for unknown tables: {sorted(unknown)}")
+        for name in z.files:
+            n += tables[name].import_entries(z[name].tobytes(), now)
+    return n
+
+
+class Device(ABC):
+    """A network function. Subclasses set the class attributes and ``process``."""
+
+    type_name: ClassVar[str]
+    config_model: ClassVar[type[DeviceConfig]]
+    drop_reasons: ClassVar[tuple[str, ...]]
+    counters: ClassVar[tuple[str, ...]] = ()
+    notes: ClassVar[tuple[str, ...]] = ()
+    max_emit: ClassVar[int] = 0  # rows process() may append per input row
+    emit_reserve: ClassVar[int] = 0  # plus this many per batch
+
+    def __init__(self, name: str, config: DeviceConfig) -> None:
+        self.name = name
+        self.config = config
+        self.ports: tuple[str, ...] = tuple(config.port_names())
+        self.port_index = {p: i for i, p in enumerate(self.ports)}
+
+    @abstractmethod
+    def new_state(self) -> DeviceState:
+        """Fresh state for one worker."""
+
+    @abstractmethod
+    def process(self, batch, state: DeviceState, now: float) -> None:
+        """Decide every row of ``batch`` (rows' ``IN_PORT`` is a port index)."""
+
+    def describe(self) -> str:
+        """One line for ``dva trace`` and status views."""
+        return f"{self.name} ({self.type_name})"
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if getattr(cls, "__abstractmethods__", None):
+            return
+        reasons = cls.drop_reasons
+        if len(set(reasons)) != len(reasons) or not all(_name_re.match(r) for r in reasons):
+            raise TypeError(f"{cls.__name__}: drop reasons must be unique names")

@@ -1,0 +1,34 @@
+"""The registry of device types: type name -> Device class.
+
+Built-in types are listed here, in one place (no registration by import side
+effect). Users add their own network functions with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from dva.nf.base import Device
+from dva.nf.switch import Switch
+
+_BUILTIN: dict[str, type[Device]] = {
+    Switch.type_name: Switch,
+}
+_types: dict[str, type[Device]] = dict(_BUILTIN)
+
+
+def register(cls: type[Device]) -> type[Device]:
+    """Make a user device type available to appliance files (usable as a decorator)."""
+    name = getattr(cls, "type_name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} has no type_name")
+    if name in _types and _types[name] is not cls:
+        raise ValueError(f"device type {name!r} is already registered")
+    _types[name] = cls
+    return cls
+
+
+def get(name: str) -> type[Device] | None:
+    return _types.get(name)
+
+
+def names() -> list[str]:
+    return sorted(_types)

@@ -1,0 +1,297 @@
+"""A bounded open-addressing hash table over numpy arrays, usable from kernels.
+
+Every piece of device state that grows with traffic (MAC tables, connection
+tracking, NAT mappings, LB affinity) is one of these, so that bounding, expiry and
+moving state by flow bucket are written once:
+
+* keys are ``key_words`` int64 words, values ``value_words`` int64 words; each entry
+  also has the flow ``bucket`` it belongs to (``-1`` for shared, non-flow state) and
+  an ``expires`` time (seconds, same clock as ``now``);
+* ``max_entries`` live entries at most; the slot array is at least twice that, so
+  probe chains stay short;
+* an expired entry is absent to lookups and is reclaimed lazily (when a probe meets
+  it) and by an incremental sweep that checks a fixed number of slots per batch, so
+  expiry costs no full-table scan;
+* deletions leave tombstones; :meth:`HashTable.maintain` rebuilds the slot array when
+  tombstones pile up;
+* :meth:`HashTable.export_buckets` / :meth:`HashTable.import_entries` move the entries
+  of a set of buckets as bytes (numpy's ``.npz``, no pickle).
+
+Kernels take the arrays, not the object: ``t.arrays()`` gives them in the order the
+``tbl_*`` kernels expect.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from dva._jit import i64, kernel
+from dva.packet.parse import hash_final, hash_mix
+
+EMPTY, USED, TOMB = 0, 1, 2
+# info[] slots
+I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED = 0, 1, 2, 3, 4
+NINFO = 5
+
+M32 = 0xFFFFFFFF
+
+
+@kernel
+def tbl_hash(key):
+    h = 0x2545F491
+    for w in range(key.shape[0]):
+        k = i64(key[w])
+        h = hash_mix(h, k & M32)
+        h = hash_mix(h, (k >> 32) & M32)
+    return hash_final(h)
+
+
+@kernel
+def _key_eq(keys, slot, key):
+    for w in range(key.shape[0]):
+        if keys[slot, w] != key[w]:
+            return False
+    return True
+
+
+@kernel
+def _expire(state, info, slot):
+    state[slot] = TOMB
+    info[I_LIVE] -= 1
+    info[I_TOMBS] += 1
+    info[I_EXPIRED] += 1
+
+
+@kernel
+def tbl_lookup(keys, state, expires, info, key, now):
+    """Slot of the live entry with ``key``, or -1. Expired entries met are reclaimed."""
+    mask = state.shape[0] - 1
+    s = tbl_hash(key) & mask
+    for _ in range(state.shape[0]):
+        st = state[s]
+        if st == EMPTY:
+            return -1
+        if st == USED and _key_eq(keys, s, key):
+            if expires[s] < now:
+                _expire(state, info, s)
+                return -1
+            return s
+        s = (s + 1) & mask
+    return -1
+
+
+@kernel
+def tbl_insert(keys, state, bucket, expires, info, key, bkt, exp, now):
+    """Slot for a new entry with ``key`` (caller checked it is absent), or -1 when full.
+
+    Reuses the first tombstone or expired slot on the probe path.
+    """
+    if info[I_LIVE] >= info[I_MAX]:
+        return -1
+    mask = state.shape[0] - 1
+    s = tbl_hash(key) & mask
+    for _ in range(state.shape[0]):
+        st = state[s]
+        if st == USED and expires[s] < now:
+            _expire(state, info, s)
+            st = TOMB
+        if st != USED:
+            if st == TOMB:
+                info[I_TOMBS] -= 1
+            state[s] = USED
+            for w in range(key.shape[0]):
+                keys[s, w] = key[w]
+            bucket[s] = bkt
+            expires[s] = exp
+            info[I_LIVE] += 1
+            return s
+        s = (s + 1) & mask
+    return -1
+
+
+@kernel
+def tbl_delete(state, info, slot):
+    state[slot] = TOMB
+    info[I_LIVE] -= 1
+    info[I_TOMBS] += 1
+
+
+@kernel
+def tbl_sweep(state, expires, info, now, budget):
+    """Check ``budget`` slots from the cursor on and reclaim expired entries."""
+    mask = state.shape[0] - 1
+    c = info[I_CURSOR]
+    n = 0
+    for _ in range(min(budget, state.shape[0])):
+        if state[c] == USED and expires[c] < now:
+            _expire(state, info, c)
+            n += 1
+        c = (c + 1) & mask
+    info[I_CURSOR] = c
+    return n
+
+
+@kernel
+def _reinsert(keys, vals, state, bucket, expires, info, okeys, ovals, ostate, obucket,
+              oexpires, now):
+    for s in range(ostate.shape[0]):
+        if ostate[s] == USED and oexpires[s] >= now:
+            t = tbl_insert(keys, state, bucket, expires, info, okeys[s], obucket[s],
+                           oexpires[s], now)
+            for w in range(vals.shape[1]):
+                vals[t, w] = ovals[s, w]
+
+
+@kernel
+def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iexpires,
+            now):
+    """Insert or overwrite the given entries; returns how many did not fit."""
+    failed = 0
+    for i in range(ikeys.shape[0]):
+        s = tbl_lookup(keys, state, expires, info, ikeys[i], now)
+        if s < 0:
+            s = tbl_insert(keys, state, bucket, expires, info, ikeys[i], ibucket[i],
+                           iexpires[i], now)
+            if s < 0:
+                failed += 1
+                continue
+        bucket[s] = ibucket[i]
+        expires[s] = iexpires[i]
+        for w in range(vals.shape[1]):
+            vals[s, w] = ivals[i, w]
+    return failed
+
+
+class TableFull(RuntimeError):
+    """Entries could not be imported because the table is at its limit."""
+
+
+def _slots_for(max_entries: int) -> int:
+    n = 16
+    while n < 2 * max_entries:
+        n *= 2
+    return n
+
+
+class HashTable:
+    """Bounded hash table of (key words -> value words, bucket, expiry)."""
+
+    def __init__(self, key_words: int, value_words: int, max_entries: int) -> None:
+        if key_words <= 0 or value_words <= 0:
+            raise ValueError("a table needs at least one key word and one value word")
+        if max_entries <= 0:
+            raise ValueError(f"table limit must be positive, not {max_entries}")
+        self.key_words = key_words
+        self.value_words = value_words
+        cap = _slots_for(max_entries)
+        self.keys = np.zeros((cap, key_words), np.int64)
+        self.vals = np.zeros((cap, value_words), np.int64)
+        self.state = np.zeros(cap, np.int8)
+        self.bucket = np.full(cap, -1, np.int64)
+        self.expires = np.zeros(cap, np.float64)
+        self.info = np.zeros(NINFO, np.int64)
+        self.info[I_MAX] = max_entries
+
+    # -- inspection ------------------------------------------------------------
+    @property
+    def max_entries(self) -> int:
+        return int(self.info[I_MAX])
+
+    @property
+    def capacity(self) -> int:
+        return self.state.shape[0]
+
+    def __len__(self) -> int:
+        """Live entries, counting expired ones not yet reclaimed."""
+        return int(self.info[I_LIVE])
+
+    def live(self, now: float) -> np.ndarray:
+        """Slot numbers of entries alive at ``now``."""
+        return np.flatnonzero((self.state == USED) & (self.expires >= now))
+
+    def entries(self, now: float) -> list[tuple[tuple[int, ...], tuple[int, ...], int, float]]:
+        """(key, value, bucket, expires) of every live entry, for tests and display."""
+        out = []
+        for s in self.live(now):
+            out.append((tuple(int(x) for x in self.keys[s]),
+                        tuple(int(x) for x in self.vals[s]),
+                        int(self.bucket[s]), float(self.expires[s])))
+        return out
+
+    def get(self, key, now: float) -> np.ndarray | None:
+        """The value words of ``key`` (a view), or None."""
+        k = np.asarray(key, np.int64).reshape(self.key_words)
+        s = tbl_lookup(self.keys, self.state, self.expires, self.info, k, now)
+        return None if s < 0 else self.vals[s]
+
+    def put(self, key, value, *, bucket: int = -1, expires: float, now: float) -> None:
+        k = np.asarray(key, np.int64).reshape(self.key_words)
+        v = np.asarray(value, np.int64).reshape(1, self.value_words)
+        failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
+                         self.info, k.reshape(1, -1), v,
+                         np.array([bucket], np.int64), np.array([expires], np.float64),
+                         now)
+        if failed:
+            raise TableFull(f"table full ({self.max_entries} entries)")
+
+    # -- upkeep ------------------------------------------------------------------
+    def maintain(self, now: float, sweep: int = 64) -> int:
+        """Per-batch upkeep: sweep ``sweep`` slots, rebuild if tombstones pile up.
+
+        Returns the number of entries that expired in the sweep.
+        """
+        n = tbl_sweep(self.state, self.expires, self.info, now, sweep)
+        if self.info[I_TOMBS] * 4 > self.capacity:
+            self.rebuild(now)
+        return n
+
+    def rebuild(self, now: float) -> None:
+        """Re-insert live entries into a clean slot array (drops tombstones)."""
+        old = (self.keys.copy(), self.vals.copy(), self.state.copy(), self.bucket.copy(),
+               self.expires.copy())
+        self.state[:] = EMPTY
+        self.info[I_LIVE] = 0
+        self.info[I_TOMBS] = 0
+        _reinsert(self.keys, self.vals, self.state, self.bucket, self.expires, self.info,
+                  *old, now)
+
+    # -- moving state by bucket ---------------------------------------------------
+    def select(self, buckets, now: float) -> np.ndarray:
+        sel = (self.state == USED) & (self.expires >= now)
+        if buckets is not None:
+            sel &= np.isin(self.bucket, np.asarray(buckets, np.int64))
+        return np.flatnonzero(sel)
+
+    def export_buckets(self, buckets, now: float) -> bytes:
+        """Entries of the given buckets (all entries if ``buckets`` is None) as bytes."""
+        s = self.select(buckets, now)
+        buf = io.BytesIO()
+        np.savez(buf, shape=np.array([self.key_words, self.value_words], np.int64),
+                 keys=self.keys[s], vals=self.vals[s],
+                 bucket=self.bucket[s], expires=self.expires[s])
+        return buf.getvalue()
+
+    def import_entries(self, data: bytes, now: float) -> int:
+        """Insert exported entries (overwriting equal keys); returns how many."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            kw, vw = (int(x) for x in z["shape"])
+            if (kw, vw) != (self.key_words, self.value_words):
+                raise ValueError(f"entries of shape {kw}+{vw} words do not fit a table "
+                                 f"of {self.key_words}+{self.value_words}")
+            keys, vals = z["keys"], z["vals"]
+            failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
+                             self.info, keys, vals, z["bucket"], z["expires"], now)
+        if failed:
+            raise TableFull(f"{failed} of {len(keys)} imported entries did not fit "
+                            f"(limit {self.max_entries})")
+        return len(keys)
+
+    def remove_buckets(self, buckets, now: float) -> int:
+        """Delete the entries of the given buckets (after they moved elsewhere)."""
+        s = self.select(buckets, now)
+        self.state[s] = TOMB
+        self.info[I_LIVE] -= len(s)
+        self.info[I_TOMBS] += len(s)
+        return len(s)
