@@ -186,6 +186,7 @@ class Engine:
         self.attach_rx = np.zeros(nattach, np.int64)
         self.attach_tx = np.zeros(nattach, np.int64)
         self.graph_drops = np.zeros(len(GRAPH_DROPS), np.int64)
+        self.injected = 0  # packets put straight into a device port (dva trace)
         self.nq = plan.ndev + nattach
         self.inq = [PacketBatch(pool, 256) for _ in plan.devices]
         self.qstart = np.zeros(self.nq + 1, np.int64)
@@ -201,16 +202,23 @@ class Engine:
 
     def process(self, attachment: int, batch: PacketBatch, now: float) -> list[PacketBatch]:
         """Run packets that arrived on ``attachment``; returns per-attachment output."""
+        self.attach_rx[attachment] += batch.n
+        dev, port = self.plan.entry[attachment]
+        return self.inject(dev, port, batch, now, origin=attachment)
+
+    def inject(self, dev: int, port: int, batch: PacketBatch, now: float,
+               origin: int = -1) -> list[PacketBatch]:
+        """Run ``batch`` as if it arrived on port ``port`` of device ``dev``."""
         n = batch.n
         outputs = [PacketBatch(self.pool, 1) for _ in self.plan.attachments]
         if n == 0:
             return outputs
-        self.attach_rx[attachment] += n
-        dev, port = self.plan.entry[attachment]
+        if origin < 0:
+            self.injected += n
         meta = batch.meta
         meta[:n, L.IN_PORT] = port
         meta[:n, L.TENANT] = self.tenant_id
-        meta[:n, L.ORIGIN] = attachment
+        meta[:n, L.ORIGIN] = origin
         meta[:n, L.HOPS] = 1
         meta[:n, L.VERDICT] = 0
         parse_batch(self.pool.data, meta, 0, n, self.bucket_mask)
@@ -276,7 +284,7 @@ class Engine:
                             f"tx+drops+held+invalid={rhs}")
             dev_in += int(c.rx.sum())
             dev_out += int(c.tx.sum())
-        lhs = int(self.attach_rx.sum()) + dev_out
+        lhs = int(self.attach_rx.sum()) + self.injected + dev_out
         rhs = dev_in + int(self.attach_tx.sum()) + int(self.graph_drops[list(LINK_DROPS)].sum())
         if lhs != rhs:
             errs.append(f"appliance: in from attachments + device tx = {lhs} but device rx "

@@ -1,0 +1,150 @@
+"""The ``dva`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dva.graph.appliance import ApplianceError, load_appliance
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _load(path: str):
+    try:
+        return load_appliance(path)
+    except ApplianceError as e:
+        err.print(e.render(), markup=False)
+        sys.exit(1)
+
+
+@click.group()
+@click.version_option(package_name="dva")
+def main() -> None:
+    """dva: distributed virtual network appliances."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(files: tuple[str, ...]) -> None:
+    """Check appliance FILES; print every problem with its file, line and path."""
+    bad = 0
+    for f in files:
+        try:
+            app = load_appliance(f)
+        except ApplianceError as e:
+            err.print(e.render(), markup=False)
+            bad += 1
+            continue
+        out.print(f"{f}: ok: appliance {app.qualified_name}, {len(app.devices)} devices, "
+                  f"{len(app.links)} links, {len(app.attachments)} attachments",
+                  markup=False)
+        for w in app.warnings:
+            out.print(f"{f}: warning: {w}", markup=False)
+    sys.exit(1 if bad else 0)
+
+
+def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("object")
+    t.add_column("counter")
+    t.add_column("packets", justify="right")
+    for name, v in counters.items():
+        if v or show_all:
+            obj, _, ctr = name.rpartition(" ")
+            t.add_row(obj, ctr, str(v))
+    return t
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--hop-limit", default=16, show_default=True, type=click.IntRange(1, 255))
+@click.option("--all", "show_all", is_flag=True, help="Show counters that stayed 0.")
+@click.option("--json", "as_json", is_flag=True, help="Print counters as JSON.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: bool,
+        quiet: bool) -> None:
+    """Run the appliance in FILE over its pcap inputs (offline) and print counters."""
+    from dva.dispatch.offline import OfflineRunner
+    from dva.ports.offline import PortError
+
+    app = _load(file)
+    try:
+        with OfflineRunner(app, batch_size=batch_size, hop_limit=hop_limit) as r:
+            res = r.run()
+    except PortError as e:
+        err.print(f"error: {e}", markup=False)
+        sys.exit(1)
+    if as_json:
+        out.print_json(json.dumps(res.counters))
+    elif not quiet:
+        out.print(counters_table(f"{app.qualified_name}: {res.batches} batches",
+                                 res.counters, show_all))
+    for e in res.accounting_errors:
+        err.print(f"accounting error: {e}", markup=False)
+    sys.exit(1 if res.accounting_errors else 0)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--in", "inport", required=True, metavar="DEVICE.PORT",
+              help="Where the packet enters.")
+@click.option("--packet", "packets", required=True, multiple=True, metavar="SPEC",
+              help="Hex frame or eth(..)/ipv4(..)/udp(..); repeat to trace several in order.")
+@click.option("--time", "now", default=0.0, show_default=True, type=float,
+              help="Device time (seconds) of the first packet; later ones +1 s each.")
+def trace(file: str, inport: str, packets: tuple[str, ...], now: float) -> None:
+    """Show, device by device, what happens to a packet and why."""
+    from dva.dispatch.offline import OfflineRunner
+    from dva.packet.spec import SpecError, parse_spec
+    from dva.worker.trace import Tracer
+
+    app = _load(file)
+    dev, _, port = inport.partition(".")
+    d = app.devices.get(dev)
+    if d is None or port not in d.port_index:
+        err.print(f"error: --in {inport}: no such device port; ports: " + ", ".join(
+            f"{n}.{p}" for n, x in app.devices.items() for p in x.ports), markup=False)
+        sys.exit(2)
+    frames = []
+    for s in packets:
+        try:
+            frames.append(parse_spec(s))
+        except SpecError as e:
+            err.print(f"error: --packet {s!r}: {e}", markup=False)
+            sys.exit(2)
+    with OfflineRunner(app, live_ok=True) as r:
+        tr = Tracer(r.plan)
+        r.engine.tracer = tr
+        di = r.plan.device_index(dev)
+        for k, f in enumerate(frames):
+            out.print(f"[bold]packet {k + 1}[/] at t={now + k:g} into {inport}: "
+                      f"{_describe(f)}")
+            r.batch.clear()
+            r.batch.add_frame(f)
+            tr.start()
+            outs = r.engine.inject(di, d.port_index[port], r.batch, now + k)
+            for line in tr.lines(outs):
+                out.print("  " + line, markup=False)
+            for o in outs:
+                o.release_all()
+        errs = r.engine.accounting_errors()
+    for e in errs:
+        err.print(f"accounting error: {e}", markup=False)
+    sys.exit(1 if errs else 0)
+
+
+def _describe(frame: bytes) -> str:
+    from dva.packet.spec import describe
+    return describe(frame)
+
+
+if __name__ == "__main__":
+    main()
