@@ -244,11 +244,16 @@ class HashTable:
         """
         n = tbl_sweep(self.state, self.expires, self.info, now, sweep)
         if self.info[I_TOMBS] * 4 > self.capacity:
-            self.rebuild(now)
+            n += self.rebuild(now)
         return n
 
-    def rebuild(self, now: float) -> None:
-        """Re-insert live entries into a clean slot array (drops tombstones)."""
+    def rebuild(self, now: float) -> int:
+        """Re-insert live entries into a clean slot array (drops tombstones).
+
+        Returns how many expired entries it dropped (counted as expired).
+        """
+        expired = int(np.count_nonzero((self.state == USED) & (self.expires < now)))
+        self.info[I_EXPIRED] += expired
         old = (self.keys.copy(), self.vals.copy(), self.state.copy(), self.bucket.copy(),
                self.expires.copy())
         self.state[:] = EMPTY
@@ -256,6 +261,7 @@ class HashTable:
         self.info[I_TOMBS] = 0
         _reinsert(self.keys, self.vals, self.state, self.bucket, self.expires, self.info,
                   *old, now)
+        return expired
 
     # -- moving state by bucket ---------------------------------------------------
     def select(self, buckets, now: float) -> np.ndarray:

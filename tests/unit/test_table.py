@@ -1,0 +1,127 @@
+"""The bounded hash table behind all device state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dva.nf.switch import SwitchConfig
+from dva.nf.registry import get
+from dva.nf.table import HashTable, TableFull
+
+
+def test_put_get_expire_and_limit():
+    t = HashTable(2, 3, max_entries=4)
+    for k in range(4):
+        t.put([k, -k], [k, k * 2, k * 3], bucket=k, expires=100.0 + k, now=0.0)
+    assert len(t) == 4
+    assert list(t.get([2, -2], now=50.0)) == [2, 4, 6]
+    with pytest.raises(TableFull):
+        t.put([9, 9], [1, 1, 1], expires=200.0, now=50.0)
+    # Entry 0 expires at 100: absent afterwards, and its room is reusable.
+    assert t.get([0, 0], now=100.5) is None
+    t.put([9, 9], [1, 1, 1], expires=300.0, now=100.5)
+    assert list(t.get([9, 9], now=101.0)) == [1, 1, 1]
+    assert len(t) == 4
+
+
+def test_sweep_reclaims_expired_entries_without_lookups():
+    t = HashTable(1, 1, max_entries=100)
+    for k in range(100):
+        t.put([k], [k], expires=10.0, now=0.0)
+    expired = 0
+    for _ in range(t.capacity // 64 + 1):
+        expired += t.maintain(now=20.0, sweep=64)
+    assert expired == 100
+    assert len(t) == 0
+
+
+def test_rebuild_keeps_live_entries():
+    t = HashTable(1, 1, max_entries=64)
+    for k in range(64):
+        t.put([k], [k * 7], expires=5.0 if k % 2 else 500.0, now=0.0)
+    t.rebuild(now=10.0)
+    assert len(t) == 32
+    assert all(t.get([k], now=10.0)[0] == k * 7 for k in range(0, 64, 2))
+    assert all(t.get([k], now=10.0) is None for k in range(1, 64, 2))
+
+
+def test_export_import_by_bucket_is_lossless():
+    a = HashTable(3, 2, max_entries=1000)
+    rng = np.random.default_rng(1)
+    entries = {}
+    for _ in range(600):
+        key = tuple(int(x) for x in rng.integers(-2**62, 2**62, 3))
+        val = tuple(int(x) for x in rng.integers(-2**62, 2**62, 2))
+        b = int(rng.integers(0, 16))
+        exp = float(rng.uniform(10, 20))
+        a.put(key, val, bucket=b, expires=exp, now=0.0)
+        entries[key] = (val, b, exp)
+    moved = {1, 5, 9}
+    blob = a.export_buckets(sorted(moved), now=0.0)
+    b = HashTable(3, 2, max_entries=1000)
+    n = b.import_entries(blob, now=0.0)
+    want = {k: v for k, v in entries.items() if v[1] in moved}
+    assert n == len(want)
+    got = {k: (v, bk, e) for k, v, bk, e in b.entries(now=0.0)}
+    assert got == want
+    removed = a.remove_buckets(sorted(moved), now=0.0)
+    assert removed == len(want)
+    assert {k for k, *_ in a.entries(0.0)} == set(entries) - set(want)
+
+
+def test_import_refuses_what_does_not_fit_and_mismatched_shapes():
+    a = HashTable(1, 1, max_entries=10)
+    for k in range(10):
+        a.put([k], [k], bucket=0, expires=50.0, now=0.0)
+    small = HashTable(1, 1, max_entries=5)
+    with pytest.raises(TableFull):
+        small.import_entries(a.export_buckets([0], 0.0), now=0.0)
+    with pytest.raises(ValueError):
+        HashTable(2, 1, max_entries=10).import_entries(a.export_buckets([0], 0.0), 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "del", "tick"]), st.integers(0, 40),
+                          st.integers(1, 30)), max_size=120))
+def test_matches_a_dict_model(ops):
+    """Random puts, deletes and time steps agree with a plain dict with expiry."""
+    t = HashTable(1, 1, max_entries=24)
+    model: dict[int, tuple[int, float]] = {}
+    now = 0.0
+    for op, k, v in ops:
+        live = {kk: vv for kk, vv in model.items() if vv[1] >= now}
+        if op == "put":
+            if k in live or len(live) < 24:
+                t.put([k], [v], expires=now + v, now=now)
+                model[k] = (v, now + v)
+            else:
+                with pytest.raises(TableFull):
+                    t.put([k], [v], expires=now + v, now=now)
+        elif op == "del":
+            s = t.live(now)
+            hit = [x for x in s if t.keys[x, 0] == k]
+            if hit:
+                from dva.nf.table import tbl_delete
+                tbl_delete(t.state, t.info, hit[0])
+                model.pop(k, None)
+        else:
+            now += v / 3
+            t.maintain(now, sweep=16)
+        live = {kk: vv for kk, vv in model.items() if vv[1] >= now}
+        got = {key[0]: (val[0], exp) for key, val, _, exp in t.entries(now)}
+        assert got == live
+
+
+def test_switch_state_shares_its_mac_table_and_has_no_flow_state():
+    cfg = SwitchConfig(type="switch", ports=["a", "b"], mac_table_size=16)
+    dev = get("switch")("sw", cfg)
+    s = dev.new_state()
+    s.macs.put([(1 << 48) | 0x020000000001], [1], expires=100.0, now=0.0)
+    blob = s.export_shared(now=0.0)
+    s2 = dev.new_state()
+    assert s2.import_shared(blob, now=0.0) == 1
+    assert list(s2.macs.get([(1 << 48) | 0x020000000001], now=1.0)) == [1]
+    assert s2.import_flows(s.export_flows([0, 1, 2], now=0.0), now=0.0) == 0
