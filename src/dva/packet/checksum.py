@@ -34,14 +34,21 @@ def wr32(pkt, off, value):
 @kernel
 def csum_add(pkt, off, length, acc):
     """Add ``length`` bytes at ``off`` as big-endian 16-bit words to ``acc`` (unfolded)."""
-    end = off + length
-    i = off
-    while i + 1 < end:
-        acc += (i64(pkt[i]) << 8) | i64(pkt[i + 1])
-        i += 2
-    if i < end:
-        acc += i64(pkt[i]) << 8
-    return acc
+    # Measured shapes: a unit-step loop summing into a local that starts at 0, with
+    # the odd tail byte in another function, runs ~5x faster than range(a, b, 2) or
+    # a tail test in the same function (LLVM then gives up on the loop).
+    s = 0
+    for k in range(length >> 1):
+        i = off + 2 * k
+        s += (i64(pkt[i]) << 8) | i64(pkt[i + 1])
+    return acc + s + _csum_tail(pkt, off, length)
+
+
+@kernel
+def _csum_tail(pkt, off, length):
+    if length & 1:
+        return i64(pkt[off + length - 1]) << 8
+    return 0
 
 
 @kernel

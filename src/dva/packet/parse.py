@@ -47,33 +47,54 @@ def hash_final(h):
 
 
 @kernel
-def _endpoint_less(pkt, a, b, alen, pa, pb):
-    """(addr at a, port pa) < (addr at b, port pb), addresses compared as bytes."""
-    for i in range(alen):
-        x = i64(pkt[a + i])
-        y = i64(pkt[b + i])
-        if x != y:
-            return x < y
-    return pa < pb
+def hash_words(tenant, proto, alen, a0, a1, a2, a3, b0, b1, b2, b3, sport, dport):
+    """Symmetric hash of tenant + proto + {(address a, sport), (address b, dport)}.
+
+    Addresses are four 32-bit words (IPv4: one word, the rest 0). Straight-line code
+    on purpose: loops over a variable address length compiled several times slower.
+    """
+    swap = False
+    if a0 != b0:
+        swap = a0 > b0
+    elif a1 != b1:
+        swap = a1 > b1
+    elif a2 != b2:
+        swap = a2 > b2
+    elif a3 != b3:
+        swap = a3 > b3
+    else:
+        swap = sport > dport
+    if swap:
+        a0, a1, a2, a3, b0, b1, b2, b3 = b0, b1, b2, b3, a0, a1, a2, a3
+        sport, dport = dport, sport
+    h = hash_mix(HASH_SEED, tenant & M32)
+    h = hash_mix(h, (proto << 16) | alen)
+    h = hash_mix(h, a0)
+    h = hash_mix(h, b0)
+    if alen == 16:
+        h = hash_mix(h, a1)
+        h = hash_mix(h, a2)
+        h = hash_mix(h, a3)
+        h = hash_mix(h, b1)
+        h = hash_mix(h, b2)
+        h = hash_mix(h, b3)
+    h = hash_mix(h, (sport << 16) | dport)
+    return hash_final(h)
 
 
 @kernel
 def flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport):
     """Symmetric hash of tenant + proto + {(src, sport), (dst, dport)}.
 
-    ``src``/``dst`` are offsets of ``alen``-byte addresses inside ``pkt``.
+    ``src``/``dst`` are offsets of ``alen``-byte (4 or 16) addresses inside ``pkt``.
     """
-    if _endpoint_less(pkt, dst, src, alen, dport, sport):
-        src, dst = dst, src
-        sport, dport = dport, sport
-    h = hash_mix(HASH_SEED, tenant & M32)
-    h = hash_mix(h, (proto << 16) | alen)
-    for i in range(0, alen, 4):
-        h = hash_mix(h, rd32(pkt, src + i))
-    for i in range(0, alen, 4):
-        h = hash_mix(h, rd32(pkt, dst + i))
-    h = hash_mix(h, (sport << 16) | dport)
-    return hash_final(h)
+    if alen == 16:
+        return hash_words(tenant, proto, 16, rd32(pkt, src), rd32(pkt, src + 4),
+                          rd32(pkt, src + 8), rd32(pkt, src + 12), rd32(pkt, dst),
+                          rd32(pkt, dst + 4), rd32(pkt, dst + 8), rd32(pkt, dst + 12),
+                          sport, dport)
+    return hash_words(tenant, proto, 4, rd32(pkt, src), 0, 0, 0, rd32(pkt, dst), 0, 0, 0,
+                      sport, dport)
 
 
 @kernel

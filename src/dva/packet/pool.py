@@ -39,10 +39,17 @@ def pool_alloc(free, top):
 
 @kernel
 def pool_release(free, top, slot):
-    """Push ``slot`` back on the free stack."""
+    """Push ``slot`` back on the free stack.
+
+    A stack already full means a slot was released twice: refusing keeps the
+    compiled code (which has no bounds checks) from writing past the stack.
+    """
     t = top[0]
+    if t >= free.shape[0]:
+        return False
     free[t] = slot
     top[0] = t + 1
+    return True
 
 
 @kernel
