@@ -45,7 +45,7 @@ import dataclasses
 import ipaddress
 import re
 import struct
-from typing import Any, Callable
+from typing import Any
 
 from dva.packet.build import (
     ARP,
@@ -151,21 +151,25 @@ def _required(cls: type[Layer]) -> list[str]:
 # value conversion
 
 
+def _q(s: str) -> str:
+    return repr(_short(s, 40))
+
+
 def _to_int(s: str) -> int:
     if not _INT_RE.fullmatch(s):
-        raise ValueError(f"bad integer {s!r} (decimal or 0x hex)")
+        raise ValueError(f"bad integer {_q(s)} (decimal or 0x hex)")
     try:
         return int(s, 0) if s[:2] in ("0x", "0X") else int(s, 10)
     except ValueError:  # e.g. more digits than int() accepts
-        raise ValueError(f"bad integer {s[:20]!r}...") from None
+        raise ValueError(f"bad integer {_q(s)}") from None
 
 
 def _to_hex_bytes(s: str, what: str) -> bytes:
     digits = s[2:] if s[:2] in ("0x", "0X") else s
     if not _HEXDIGITS_RE.fullmatch(digits):
-        raise ValueError(f"bad hex {s!r} for {what}")
+        raise ValueError(f"bad hex {_q(s)} for {what}")
     if len(digits) % 2:
-        raise ValueError(f"odd number of hex digits in {s!r} for {what}")
+        raise ValueError(f"odd number of hex digits in {_q(s)} for {what}")
     return bytes.fromhex(digits)
 
 
@@ -176,17 +180,17 @@ def _convert(kind: str, s: str, what: str) -> Any:
         try:
             return int_to_mac(mac_to_int(s))
         except ValueError:
-            raise ValueError(f"bad MAC address {s!r}") from None
+            raise ValueError(f"bad MAC address {_q(s)}") from None
     if kind == _IP4:
         try:
             return ipaddress.IPv4Address(s)
         except ValueError:
-            raise ValueError(f"bad IPv4 address {s!r}") from None
+            raise ValueError(f"bad IPv4 address {_q(s)}") from None
     if kind == _IP6:
         try:
             return ipaddress.IPv6Address(s)
         except ValueError:
-            raise ValueError(f"bad IPv6 address {s!r}") from None
+            raise ValueError(f"bad IPv6 address {_q(s)}") from None
     if kind == _BYTES:
         return _to_hex_bytes(s[4:] if s[:4].lower() == "hex:" else s, what)
     if kind == _TCPFLAGS:
@@ -207,10 +211,10 @@ def _convert(kind: str, s: str, what: str) -> Any:
             return True
         if low in ("false", "0", "no"):
             return False
-        raise ValueError(f"bad boolean {s!r} (true/false)")
+        raise ValueError(f"bad boolean {_q(s)} (true/false)")
     if kind == _KIND:
         if s not in IPV6EXT_KINDS:
-            raise ValueError(f"bad kind {s!r}; one of " + ", ".join(IPV6EXT_KINDS))
+            raise ValueError(f"bad kind {_q(s)}; one of " + ", ".join(IPV6EXT_KINDS))
         return s
     if kind == _RAWHEX:
         return _to_hex_bytes(s, what)
@@ -218,7 +222,7 @@ def _convert(kind: str, s: str, what: str) -> Any:
         try:
             return s.encode("utf-8")
         except UnicodeError:
-            raise ValueError(f"text {s!r} is not encodable as UTF-8") from None
+            raise ValueError(f"text {_q(s)} is not encodable as UTF-8") from None
     if kind == _RAWLEN:
         n = _to_int(s)
         if n > _RAW_LEN_MAX:
@@ -585,14 +589,53 @@ def _candidates(frame: bytes) -> list[list[tuple[str, Fields]]]:
     return out
 
 
-def _trim(entries: list[tuple[str, Fields]], fields: Fields, key: str, most: int,
-          frame: bytes) -> None:
+def _eol_start(opts: bytes) -> int:
+    """IPv4/TCP options: offset of the End-of-List option, else ``len(opts)``."""
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:
+            return i
+        if kind == 1:  # NOP
+            i += 1
+            continue
+        if i + 1 >= len(opts) or opts[i + 1] < 2:
+            break
+        i += opts[i + 1]
+    return len(opts)
+
+
+def _pad_run_start(opts: bytes) -> int:
+    """IPv6 options: offset of the trailing run of Pad1/PadN, else ``len(opts)``."""
+    i, start = 0, None
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:  # Pad1 is a lone byte
+            step = 1
+        elif i + 1 < len(opts):
+            step = 2 + opts[i + 1]
+        else:
+            return len(opts)
+        if kind in (0, 1):
+            start = i if start is None else start
+        else:
+            start = None
+        i += step
+    return start if start is not None and i == len(opts) else len(opts)
+
+
+def _trim(entries: list[tuple[str, Fields]], fields: Fields, key: str, frame: bytes) -> None:
+    """Drop trailing option padding when the builder re-creates the same bytes.
+
+    Options are walked as TLVs so that zero bytes inside a real option (e.g.
+    the value of a Router Alert) are never mistaken for padding.
+    """
     data = fields[key]
-    for cut in range(max(0, len(data) - most), len(data)):
+    cut = _eol_start(data) if key == "options" else _pad_run_start(data)
+    if cut < len(data):
         fields[key] = data[:cut]
-        if _build(entries) == frame:
-            return
-    fields[key] = data
+        if _build(entries) != frame:
+            fields[key] = data
 
 
 def _minimise(entries: list[tuple[str, Fields]], frame: bytes) -> None:
@@ -609,9 +652,9 @@ def _minimise(entries: list[tuple[str, Fields]], frame: bytes) -> None:
         # Drop trailing padding the builder re-creates by itself: zeros after
         # IPv4/TCP options, Pad1/PadN after IPv6 hop-by-hop/destination options.
         if name in ("ipv4", "tcp") and "options" in fields:
-            _trim(entries, fields, "options", 3, frame)
-        elif name == "ipv6ext" and fields.get("kind") in ("hop", "dst"):
-            _trim(entries, fields, "data", 7, frame)
+            _trim(entries, fields, "options", frame)
+        elif name == "ipv6ext" and fields.get("kind") in ("hop", "dst") and "data" in fields:
+            _trim(entries, fields, "data", frame)
         # Restore the canonical order after pops and re-inserts.
         order = list(_LAYERS[name][1])
         fields_sorted = sorted(fields.items(), key=lambda kv: order.index(kv[0]))
