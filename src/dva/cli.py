@@ -120,7 +120,7 @@ def trace(file: str, inport: str, packets: tuple[str, ...], now: float) -> None:
         except SpecError as e:
             err.print(f"error: --packet {s!r}: {e}", markup=False)
             sys.exit(2)
-    with OfflineRunner(app, live_ok=True) as r:
+    with OfflineRunner(app, open_files=False) as r:
         tr = Tracer(r.plan)
         r.engine.tracer = tr
         di = r.plan.device_index(dev)

@@ -38,7 +38,7 @@ class OfflineRunner:
     def __init__(self, app: Appliance, *, batch_size: int = 256, window: float = 1e-3,
                  hop_limit: int = DEFAULT_HOP_LIMIT, nbuckets: int = 4096,
                  pool_slots: int = 16384, memory: dict[str, MemoryPort] | None = None,
-                 live_ok: bool = False) -> None:
+                 open_files: bool = True) -> None:
         if batch_size <= 0:
             raise ValueError("batch size must be positive")
         self.app = app
@@ -51,28 +51,42 @@ class OfflineRunner:
                                       np.int64)
         self.memory = dict(memory or {})
         self.ports: list[OfflinePort] = []
+        if open_files:
+            self._check_inputs()
         try:
             for att in self.plan.attachments:
-                self.ports.append(self._open(att, live_ok))
+                self.ports.append(self._open(att, open_files))
         except BaseException:
             self.close()
             raise
         self.batch = PacketBatch(self.pool, batch_size)
         self.batches = 0
 
-    def _open(self, att, live_ok: bool) -> OfflinePort:
+    def _check_inputs(self) -> None:
+        """Fail before any output file is created (and emptied)."""
+        for att in self.plan.attachments:
+            spec = att.spec
+            if spec.kind == "pcap" and spec.pcap.read:
+                path = self.app.resolve(spec.pcap.read)
+                if not path.is_file():
+                    raise PortError(f"{att.ref}: pcap input {path} does not exist")
+            elif spec.kind in ("af_packet", "tap"):
+                raise PortError(f"{att.ref}: {spec.kind} attachments need live ports, "
+                                f"which an offline run does not open (use memory or pcap)")
+
+    def _open(self, att, open_files: bool) -> OfflinePort:
         spec = att.spec
         if spec.kind == "memory":
             port = self.memory.get(spec.memory)
             if port is None:
                 port = self.memory[spec.memory] = MemoryPort(att.ref)
             return port
+        if not open_files:
+            return OfflinePort(att.ref)  # neither reads nor writes (dva trace)
         if spec.kind == "pcap":
             r = self.app.resolve(spec.pcap.read) if spec.pcap.read else None
             w = self.app.resolve(spec.pcap.write) if spec.pcap.write else None
             return PcapPort(att.ref, r, w)
-        if live_ok:
-            return OfflinePort(att.ref)  # silent in an offline run (trace)
         raise PortError(f"{att.ref}: {spec.kind} attachments need live ports, which an "
                         f"offline run does not open (use memory or pcap)")
 

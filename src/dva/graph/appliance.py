@@ -16,12 +16,13 @@ Nothing is built from an invalid file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, \
-    model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, \
+    ValidationError, model_validator
 
 from dva.graph.yamlsrc import SourceIssue, YamlDoc, YamlSourceError, load_yaml
 from dva.nf import registry
@@ -145,9 +146,13 @@ def format_path(path) -> str:
     return out
 
 
-def _pydantic_issues(err: ValidationError, prefix: tuple, doc: YamlDoc) -> list[SourceIssue]:
+def _pydantic_issues(err: ValidationError, prefix: tuple, doc: YamlDoc,
+                     data: Any) -> list[SourceIssue]:
+    """Issues from a pydantic error of validating ``data`` found at ``prefix``."""
     issues = []
     for e in err.errors(include_url=False):
+        if _wrong_union_branch(e["loc"], data):
+            continue
         loc = prefix + tuple(x for x in e["loc"] if not _is_union_tag(x))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -156,6 +161,8 @@ def _pydantic_issues(err: ValidationError, prefix: tuple, doc: YamlDoc) -> list[
             msg = "required key missing"
         elif e["type"] == "string_pattern_mismatch":
             msg = f"bad name {e.get('input')!r}: " + _pattern_hint(e["ctx"]["pattern"])
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
         issues.append(SourceIssue(loc, msg, doc.line_of(loc)))
     return _dedupe(issues)
 
@@ -163,6 +170,24 @@ def _pydantic_issues(err: ValidationError, prefix: tuple, doc: YamlDoc) -> list[
 def _is_union_tag(x) -> bool:
     # pydantic names union members in locations (e.g. 'list[...]'); users never see those
     return isinstance(x, str) and ("[" in x or x in ("str", "int", "function-after"))
+
+
+def _wrong_union_branch(loc: tuple, data: Any) -> bool:
+    """True for an error of the list branch of a list|dict union given a dict (and
+    vice versa): the user wrote the other form, that branch's complaint is noise."""
+    cur = data
+    for x in loc:
+        if isinstance(x, str) and x.startswith("list["):
+            return not isinstance(cur, list)
+        if isinstance(x, str) and x.startswith("dict["):
+            return not isinstance(cur, dict)
+        if _is_union_tag(x):
+            continue
+        try:
+            cur = cur[x]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return False
 
 
 def _pattern_hint(pattern: str) -> str:
@@ -204,23 +229,41 @@ def parse_appliance(text: str, source: str = "<string>",
     if not isinstance(doc.data, dict):
         raise ApplianceError(source, [SourceIssue((), "expected a mapping with keys "
                                                   "appliance, devices, links, attach", 1)])
+    issues: list[SourceIssue] = []
     try:
         model = ApplianceModel.model_validate(doc.data)
+        parts = (model.devices, model.links, model.attach)
     except ValidationError as e:
-        # Report device-level problems too, so that one run shows everything.
-        issues = _pydantic_issues(e, (), doc)
-        devs = doc.data.get("devices")
-        if isinstance(devs, dict):
-            issues += _device_issues(devs, doc)[1]
-        raise ApplianceError(source, _dedupe(issues)) from None
-    devices, issues = _device_issues(model.devices, doc)
-    links, attachments, warnings = [], [], []
-    if not issues:
-        links, attachments, warnings, issues = _wire(model, devices, doc)
-    if issues:
-        raise ApplianceError(source, issues)
+        # Keep going with the parts that are valid, so one run reports everything.
+        issues += _pydantic_issues(e, (), doc, doc.data)
+        raw = doc.data.get("devices")
+        parts = (raw if isinstance(raw, dict) else {},
+                 _valid_part("links", doc.data.get("links", [])),
+                 _valid_part("attach", doc.data.get("attach", {})))
+        model = None
+    devs, links_in, attach_in = parts
+    devices, dev_issues = _device_issues(devs if isinstance(devs, dict) else {}, doc)
+    # A device's own check says more than the file-level one at the same path.
+    mine = {i.path for i in dev_issues}
+    issues = [i for i in issues if i.path not in mine] + dev_issues
+    names = set(devs) if isinstance(devs, dict) else set()
+    base = base_dir or FsPath.cwd()
+    links, attachments, warnings, wire_issues = _wire(links_in, attach_in, devices, names,
+                                                      doc, base)
+    issues += wire_issues
+    if issues or model is None:
+        raise ApplianceError(source, _dedupe(issues))
     return Appliance(model.appliance, model.tenant, devices, links, attachments, source,
-                     base_dir or FsPath.cwd(), warnings)
+                     base, warnings)
+
+
+def _valid_part(name: str, value: Any) -> Any:
+    """The ``name`` part of an invalid document if that part alone is valid, else empty."""
+    field = ApplianceModel.model_fields[name]
+    try:
+        return TypeAdapter(field.annotation).validate_python(value)
+    except ValidationError:
+        return type(field.default)()
 
 
 def _device_issues(devs: dict, doc: YamlDoc) -> tuple[dict[str, Device], list[SourceIssue]]:
@@ -246,7 +289,7 @@ def _device_issues(devs: dict, doc: YamlDoc) -> tuple[dict[str, Device], list[So
         try:
             cfg = cls.config_model.model_validate(body)
         except ValidationError as e:
-            issues += _pydantic_issues(e, loc, doc)
+            issues += _pydantic_issues(e, loc, doc, body)
             continue
         try:
             devices[name] = cls(name, cfg)
@@ -255,7 +298,10 @@ def _device_issues(devs: dict, doc: YamlDoc) -> tuple[dict[str, Device], list[So
     return devices, issues
 
 
-def _wire(model: ApplianceModel, devices: dict[str, Device], doc: YamlDoc):
+def _wire(links_in, attach_in, devices: dict[str, Device], names: set, doc: YamlDoc,
+          base: FsPath):
+    """Check links and attachments. Endpoints on a device that exists in the file but
+    is invalid are skipped (its own problems are already reported)."""
     issues: list[SourceIssue] = []
     used: dict[tuple[str, str], str] = {}  # endpoint -> where it is used
 
@@ -263,8 +309,9 @@ def _wire(model: ApplianceModel, devices: dict[str, Device], doc: YamlDoc):
         dev, port = ref.split(".")
         d = devices.get(dev)
         if d is None:
-            issues.append(SourceIssue(loc, f"no device {dev!r} (devices: "
-                                      f"{', '.join(devices)})", doc.line_of(loc)))
+            if dev not in names:
+                issues.append(SourceIssue(loc, f"no device {dev!r} (devices: "
+                                          f"{', '.join(map(str, names))})", doc.line_of(loc)))
             return None
         if port not in d.port_index:
             issues.append(SourceIssue(loc, f"device {dev} ({d.type_name}) has no port "
@@ -280,7 +327,7 @@ def _wire(model: ApplianceModel, devices: dict[str, Device], doc: YamlDoc):
         return ep
 
     links = []
-    for i, (a, b) in enumerate(model.links):
+    for i, (a, b) in enumerate(links_in):
         loc = ("links", i)
         if a == b:
             issues.append(SourceIssue(loc, f"a port cannot be linked to itself ({a})",
@@ -291,20 +338,38 @@ def _wire(model: ApplianceModel, devices: dict[str, Device], doc: YamlDoc):
             links.append((ea, eb))
 
     attachments = []
-    targets: dict[tuple[str, str], str] = {}
-    for ref, spec in model.attach.items():
+    targets: dict[tuple[str, str], str] = {}  # (what, name) -> attachment using it
+    reads: dict[str, str] = {}
+
+    def claim(key: tuple[str, str], what: str, loc: tuple) -> None:
+        if key in targets:
+            issues.append(SourceIssue(loc, f"{what} is already used by {targets[key]}",
+                                      doc.line_of(loc)))
+        else:
+            targets[key] = format_path(loc)
+
+    for ref, spec in attach_in.items():
         loc = ("attach", ref)
         ep = endpoint(ref, loc)
-        kind = spec.kind
-        names = [(kind, spec.target)] if kind != "pcap" else \
-            [("pcap file", f) for f in (spec.pcap.write,) if f]
-        for key in names:
-            if key in targets:
-                issues.append(SourceIssue(loc, f"{key[0]} {key[1]!r} is already used by "
-                                          f"{targets[key]}", doc.line_of(loc)))
-            targets[key] = f"attach.{ref}"
+        if spec.kind == "pcap":
+            r = _norm(base, spec.pcap.read) if spec.pcap.read else None
+            w = _norm(base, spec.pcap.write) if spec.pcap.write else None
+            if r:
+                reads.setdefault(r, format_path(loc))
+            if w:
+                claim(("pcap file", w), f"pcap file {spec.pcap.write!r}", loc)
+        elif spec.kind in ("af_packet", "tap"):
+            claim(("interface", spec.target), f"{spec.kind} interface {spec.target!r}", loc)
+        else:
+            claim((spec.kind, spec.target), f"{spec.kind} {spec.target!r}", loc)
         if ep:
             attachments.append(Attachment(ep[0], ep[1], spec))
+    for (what, path), where in targets.items():
+        if what == "pcap file" and path in reads:
+            loc = ("attach", where.split(".", 1)[1])
+            issues.append(SourceIssue(loc, f"pcap file {path!r} is both read (by "
+                                      f"{reads[path]}) and written: writing would destroy "
+                                      f"the input", doc.line_of(loc)))
 
     warnings = []
     for name, d in devices.items():
@@ -315,3 +380,6 @@ def _wire(model: ApplianceModel, devices: dict[str, Device], doc: YamlDoc):
     return links, attachments, warnings, issues
 
 
+def _norm(base: FsPath, path: str) -> str:
+    p = FsPath(path)
+    return os.path.normpath(p if p.is_absolute() else base / p)

@@ -46,35 +46,47 @@ class YamlSourceError(ValueError):
 def load_yaml(text: str) -> YamlDoc:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as e:
+        # Bad characters have a position but no line mark.
+        line = text.count("\n", 0, e.position) + 1
+        raise YamlSourceError([SourceIssue((), f"YAML: {e.reason} (character "
+                                           f"{e.character!r})", line)]) from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e)
-        raise YamlSourceError([SourceIssue((), f"YAML syntax: {problem}", line)]) from None
+        raise YamlSourceError([_issue(e, "YAML syntax")]) from None
     if node is None:
         return YamlDoc(None, {(): 1})
-    lines: dict[Path, int] = {(): node.start_mark.line + 1}
-    issues: list[SourceIssue] = []
-    _walk(node, (), lines, issues)
-    if issues:
-        raise YamlSourceError(issues)
     loader = yaml.SafeLoader("")
     try:
+        lines: dict[Path, int] = {(): node.start_mark.line + 1}
+        issues: list[SourceIssue] = []
+        _walk(loader, node, (), lines, issues)
+        if issues:
+            raise YamlSourceError(issues)
         data = loader.construct_document(node)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise YamlSourceError([SourceIssue((), f"YAML: {getattr(e, 'problem', e)}",
-                                           mark.line + 1 if mark else None)]) from None
+        raise YamlSourceError([_issue(e, "YAML")]) from None
     finally:
         loader.dispose()
     return YamlDoc(data, lines)
 
 
-def _walk(node, path: Path, lines: dict[Path, int], issues: list[SourceIssue]) -> None:
+def _issue(e: yaml.YAMLError, what: str) -> SourceIssue:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    return SourceIssue((), f"{what}: {problem}", mark.line + 1 if mark else None)
+
+
+def _walk(loader, node, path: Path, lines: dict[Path, int],
+          issues: list[SourceIssue]) -> None:
+    """Record lines under the keys as the data will hold them (``5:`` is int 5)."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[object, int] = {}
         for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+            key = loader.construct_object(k, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                key = str(k.value)
             line = k.start_mark.line + 1
             if key in seen:
                 issues.append(SourceIssue(path + (key,), f"duplicate key {key!r} (first on "
@@ -82,8 +94,8 @@ def _walk(node, path: Path, lines: dict[Path, int], issues: list[SourceIssue]) -
                 continue
             seen[key] = line
             lines[path + (key,)] = line
-            _walk(v, path + (key,), lines, issues)
+            _walk(loader, v, path + (key,), lines, issues)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             lines[path + (i,)] = v.start_mark.line + 1
-            _walk(v, path + (i,), lines, issues)
+            _walk(loader, v, path + (i,), lines, issues)
