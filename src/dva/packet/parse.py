@@ -113,7 +113,8 @@ def _icmp_is_echo(proto, itype):
 
 @kernel
 def _quoted_hash(pkt, n, tenant, q, is_v6):
-    """Hash of the flow quoted by an ICMP error whose inner IP header is at ``q``.
+    """Hash of the flow quoted by an ICMP error whose inner IP header is at ``q``
+    (``n``: end of the outer IP packet).
 
     Returns -1 when the quote is too short to name the flow.
     """
@@ -174,7 +175,8 @@ def _parse_l4(pkt, row, proto, l4, l4len, is_v6):
             row[L.PERR] = L.E_UDP_TRUNC
             return
         ulen = rd16(pkt, l4 + 4)
-        if ulen < 8 or ulen > l4len:
+        # In a first fragment the UDP length covers the whole datagram, not this part.
+        if ulen < 8 or (ulen > l4len and (row[L.PFLAGS] & L.F_FRAG) == 0):
             row[L.PERR] = L.E_UDP_LEN
             return
     elif proto == L.PROTO_ICMP and not is_v6:
@@ -191,8 +193,11 @@ def _parse_l4(pkt, row, proto, l4, l4len, is_v6):
 
 
 @kernel
-def _ip_hash(pkt, n, row, tenant, src, dst, alen, is_v6):
-    """Flow hash of a parsed IPv4/IPv6 packet (row's offsets and flags already set)."""
+def _ip_hash(pkt, end, row, tenant, src, dst, alen, is_v6):
+    """Flow hash of a parsed IPv4/IPv6 packet ending at ``end`` (offsets and flags set).
+
+    Bytes after ``end`` (Ethernet padding, trailers) are never read as a quote.
+    """
     proto = row[L.PROTO]
     l4 = row[L.L4_OFF]
     sport = 0
@@ -204,7 +209,7 @@ def _ip_hash(pkt, n, row, tenant, src, dst, alen, is_v6):
         elif proto == L.PROTO_ICMP or proto == L.PROTO_ICMPV6:
             itype = i64(pkt[l4])
             if _icmp_is_error(proto, itype):
-                h = _quoted_hash(pkt, n, tenant, l4 + 8, is_v6)
+                h = _quoted_hash(pkt, end, tenant, l4 + 8, is_v6)
                 if h >= 0:
                     row[L.PFLAGS] |= L.F_ICMP_ERROR
                     return h
@@ -255,7 +260,7 @@ def _parse_ipv4(pkt, n, row, off, tenant):
         row[L.PFLAGS] |= L.F_LATER_FRAG
     else:
         _parse_l4(pkt, row, proto, off + ihl, total - ihl, False)
-    return _ip_hash(pkt, n, row, tenant, off + 12, off + 16, 4, False)
+    return _ip_hash(pkt, off + total, row, tenant, off + 12, off + 16, 4, False)
 
 
 @kernel
@@ -312,7 +317,7 @@ def _parse_ipv6(pkt, n, row, off, tenant):
         row[L.PFLAGS] |= L.F_LATER_FRAG
     elif nh != 59:  # 59: no next header
         _parse_l4(pkt, row, nh, p, end - p, True)
-    return _ip_hash(pkt, n, row, tenant, off + 8, off + 24, 16, True)
+    return _ip_hash(pkt, end, row, tenant, off + 8, off + 24, 16, True)
 
 
 @kernel
@@ -394,7 +399,7 @@ def parse_batch(data, meta, start_row, end_row, bucket_mask):
         s = row[L.START]
         n = row[L.LEN]
         pkt = data[row[L.SLOT], s:s + n]
-        h = parse_frame(pkt, n, row, row[L.TENANT])
+        h = parse_frame(pkt, n, row, i64(row[L.TENANT]))
         row[L.HASH] = h
         row[L.BUCKET] = h & bucket_mask
 
