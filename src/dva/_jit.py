@@ -19,8 +19,24 @@ JIT_ENABLED = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
 
 def kernel(fn):
-    """Compile ``fn`` as a cached, GIL-free numba kernel (or leave it as Python)."""
-    return numba.njit(cache=True, nogil=True)(fn)
+    """Compile ``fn`` as a cached, GIL-free numba kernel (or leave it as Python).
+
+    Kernels are compiled without numba's reference-counting runtime (NRT): every
+    array view a kernel takes per packet (a frame, a metadata row) otherwise costs an
+    out-of-line NRT_incref/NRT_decref call, which made the parser 3.6x slower
+    (229 -> 63 ns per packet, docs/benchmarks.md). The price: a kernel must not
+    allocate arrays (no np.empty, no .copy()); callers pass scratch arrays instead.
+    ``_nrt`` is a private numba option: if a numba release drops it, kernels still
+    compile, only slower.
+    """
+    return _njit(fn)
+
+
+def _njit(fn):
+    try:
+        return numba.njit(cache=True, nogil=True, _nrt=False)(fn)
+    except (TypeError, KeyError):  # pragma: no cover - numba without the option
+        return numba.njit(cache=True, nogil=True)(fn)
 
 
 if JIT_ENABLED:

@@ -38,6 +38,7 @@ from dva._jit import i64, kernel
 from dva.nf.base import MAX_PORTS, MULTI, Device, DeviceConfig, DeviceState, Name, drop_code
 from dva.nf.table import I_EXPIRED, HashTable, tbl_insert, tbl_lookup
 from dva.packet import layout as L
+from dva.packet.batch import row_copy
 from dva.packet.checksum import rd16, wr16
 from dva.packet.pool import pool_copy
 
@@ -152,6 +153,7 @@ class SwitchState(DeviceState):
         super().__init__(len(EVENTS))
         self.macs = HashTable(key_words=1, value_words=1, max_entries=config.mac_table_size)
         self.shared_tables["macs"] = self.macs
+        self.key = np.zeros(1, np.int64)  # kernel scratch
 
 
 @kernel
@@ -173,7 +175,8 @@ def _set_encoding(data, row, tagged, vid):
         else:
             if s < 4:
                 return False
-            data[slot, s - 4:s + 8] = data[slot, s:s + 12].copy()
+            for k in range(12):  # MACs move 4 bytes toward the headroom
+                data[slot, s - 4 + k] = data[slot, s + k]
             wr16(data[slot], s + 8, L.ETH_VLAN)
             wr16(data[slot], s + 10, vid)
             row[L.START] = s - 4
@@ -185,7 +188,8 @@ def _set_encoding(data, row, tagged, vid):
                 row[L.L4_OFF] += 4
         row[L.VLAN] = vid
     elif has_tag:
-        data[slot, s + 4:s + 16] = data[slot, s:s + 12].copy()
+        for k in range(11, -1, -1):  # MACs move 4 bytes over the tag, from the end
+            data[slot, s + 4 + k] = data[slot, s + k]
         row[L.START] = s + 4
         row[L.LEN] -= 4
         row[L.TAGS] -= 1
@@ -199,10 +203,12 @@ def _set_encoding(data, row, tagged, vid):
 
 @kernel
 def switch_kernel(data, free, top, meta, n, mode, pvlan, native, allowed, keys, vals,
-                  state, bucket, expires, info, events, now, aging):
-    """Decide rows [0, n); may append one flood copy per row. Returns the new row count."""
+                  state, bucket, expires, info, events, now, aging, key):
+    """Decide rows [0, n); may append one flood copy per row. Returns the new row count.
+
+    ``key`` is a 1-word scratch array (kernels do not allocate).
+    """
     nports = mode.shape[0]
-    key = np.empty(1, np.int64)
     total = n
     for i in range(n):
         row = meta[i]
@@ -301,8 +307,8 @@ def switch_kernel(data, free, top, meta, n, mode, pvlan, native, allowed, keys, 
             if c < 0:
                 events[C_COPY_FAILED] += 1
             else:
+                row_copy(meta, total, meta, i)
                 crow = meta[total]
-                crow[:] = row[:]
                 crow[L.SLOT] = c
                 crow[L.ORIGIN] = -1
                 if _set_encoding(data, crow, True, v):
@@ -359,6 +365,6 @@ class Switch(Device):
         batch.n = switch_kernel(pool.data, pool.free, pool.top, batch.meta, batch.n,
                                 self.mode, self.pvlan, self.native, self.allowed, t.keys,
                                 t.vals, t.state, t.bucket, t.expires, t.info, state.events,
-                                now, self.aging)
+                                now, self.aging, state.key)
         t.maintain(now)
         state.events[C_AGED] += t.info[I_EXPIRED] - before

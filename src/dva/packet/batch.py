@@ -13,8 +13,17 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from dva._jit import kernel
 from dva.packet import layout as L
 from dva.packet.pool import PacketPool, PoolExhausted
+
+
+@kernel
+def row_copy(dst, di, src, si):
+    """dst[di] = src[si] for metadata matrices (no slice assignment: kernels have no
+    runtime to allocate the temporary it may need)."""
+    for f in range(L.NFIELDS):
+        dst[di, f] = src[si, f]
 
 
 class PacketBatch:
@@ -89,4 +98,4 @@ class PacketBatch:
         self.n = 0
 
 
-__all__ = ["PacketBatch", "PacketPool", "PoolExhausted"]
+__all__ = ["PacketBatch", "PacketPool", "PoolExhausted", "row_copy"]

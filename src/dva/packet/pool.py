@@ -58,7 +58,8 @@ def pool_copy(data, free, top, src_slot, start, length):
     s = pool_alloc(free, top)
     if s < 0:
         return -1
-    data[s, start:start + length] = data[src_slot, start:start + length]
+    for k in range(start, start + length):
+        data[s, k] = data[src_slot, k]
     return s
 
 

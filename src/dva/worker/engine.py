@@ -26,7 +26,7 @@ from dva.graph.plan import GRAPH_DROPS, G_BAD_VERDICT, G_EMPTY, G_HOP_LIMIT, G_P
     G_UNCONNECTED, Plan
 from dva.nf.base import DROP_BASE, HOLD, MULTI, Device, DeviceState
 from dva.packet import layout as L
-from dva.packet.batch import PacketBatch
+from dva.packet.batch import PacketBatch, row_copy
 from dva.packet.parse import parse_batch
 from dva.packet.pool import PacketPool, pool_copy, pool_release
 
@@ -154,7 +154,7 @@ def route_kernel(data, free, top, meta, n_in, n, dest_q, dest_port, ndev, nq, ho
         q = sq[j]
         o = qstart[q]
         qstart[q] = o + 1
-        out[o] = meta[sr[j]]
+        row_copy(out, o, meta, sr[j])
         out[o, L.SLOT] = ss[j]
         out[o, L.IN_PORT] = dest_port[sp[j]]
         if q < ndev:
