@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dva._jit import i64, kernel
 from dva.nf.base import MAX_PORTS, MULTI, Device, DeviceConfig, DeviceState, Name, drop_code
-from dva.nf.table import I_EXPIRED, HashTable, tbl_insert, tbl_lookup
+from dva.nf.table import I_EXPIRED, HashTable, tbl_insert, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.batch import row_copy
 from dva.packet.checksum import rd16, wr16
@@ -73,6 +73,7 @@ N_KNOWN, N_BCAST, N_MCAST, N_UNKNOWN = 1, 2, 3, 4
 
 ACCESS, TRUNK = 0, 1
 NVLANS = 4096
+SWEEP_SLOTS = 64  # MAC table slots checked for expiry per batch
 
 
 class SwitchPort(BaseModel):
@@ -209,6 +210,7 @@ def switch_kernel(data, free, top, meta, n, mode, pvlan, native, allowed, keys, 
     ``key`` is a 1-word scratch array (kernels do not allocate).
     """
     nports = mode.shape[0]
+    expired_before = info[I_EXPIRED]
     total = n
     for i in range(n):
         row = meta[i]
@@ -281,7 +283,7 @@ def switch_kernel(data, free, top, meta, n, mode, pvlan, native, allowed, keys, 
                 row[L.VERDICT] = drop_code(D_SAME_PORT)
                 continue
             tagged = mode[out] == TRUNK and native[out] != v
-            if not _set_encoding(data, row, tagged, v):
+            if (tagged or row[L.TAGS] > 0) and not _set_encoding(data, row, tagged, v):
                 row[L.VERDICT] = drop_code(D_NO_HEADROOM)
                 continue
             row[L.VERDICT] = out
@@ -324,6 +326,8 @@ def switch_kernel(data, free, top, meta, n, mode, pvlan, native, allowed, keys, 
             continue
         row[L.VERDICT] = MULTI
         row[L.MASK] = tagged_mask if tagged else untagged_mask
+    tbl_sweep(state, expires, info, now, SWEEP_SLOTS)
+    events[C_AGED] += info[I_EXPIRED] - expired_before
     return total
 
 
@@ -361,10 +365,9 @@ class Switch(Device):
     def process(self, batch, state: SwitchState, now: float) -> None:
         t = state.macs
         pool = batch.pool
-        before = t.info[I_EXPIRED]
         batch.n = switch_kernel(pool.data, pool.free, pool.top, batch.meta, batch.n,
                                 self.mode, self.pvlan, self.native, self.allowed, t.keys,
                                 t.vals, t.state, t.bucket, t.expires, t.info, state.events,
                                 now, self.aging, state.key)
-        t.maintain(now)
-        state.events[C_AGED] += t.info[I_EXPIRED] - before
+        if t.needs_rebuild():
+            state.events[C_AGED] += t.rebuild(now)

@@ -28,7 +28,6 @@ import io
 import numpy as np
 
 from dva._jit import i64, kernel
-from dva.packet.parse import hash_final, hash_mix
 
 EMPTY, USED, TOMB = 0, 1, 2
 # info[] slots
@@ -38,14 +37,20 @@ NINFO = 5
 M32 = 0xFFFFFFFF
 
 
+MUL = 0x5851F42D4C957F2D  # odd, < 2**63 so numba types it as int64
+
+
 @kernel
 def tbl_hash(key):
+    """Multiply-shift hash of the key words (32 bits).
+
+    Bits 32..63 of a 64-bit product depend only on the product modulo 2**64, so the
+    compiled code (wrapping int64) and the reference (exact ints) agree.
+    """
     h = 0x2545F491
     for w in range(key.shape[0]):
-        k = i64(key[w])
-        h = hash_mix(h, k & M32)
-        h = hash_mix(h, (k >> 32) & M32)
-    return hash_final(h)
+        h = (((h ^ i64(key[w])) * MUL) >> 32) & M32
+    return h
 
 
 @kernel
@@ -243,9 +248,13 @@ class HashTable:
         Returns the number of entries that expired in the sweep.
         """
         n = tbl_sweep(self.state, self.expires, self.info, now, sweep)
-        if self.info[I_TOMBS] * 4 > self.capacity:
+        if self.needs_rebuild():
             n += self.rebuild(now)
         return n
+
+    def needs_rebuild(self) -> bool:
+        """Tombstones fill a quarter of the slots: probes are getting long."""
+        return int(self.info[I_TOMBS]) * 4 > self.capacity
 
     def rebuild(self, now: float) -> int:
         """Re-insert live entries into a clean slot array (drops tombstones).

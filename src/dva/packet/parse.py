@@ -46,40 +46,43 @@ def hash_final(h):
     return h ^ (h >> 16)
 
 
+K1 = 0x5851F42D4C957F2D  # odd 64-bit multipliers below 2**63 (numba types them int64)
+K2 = 0x14057B7EF767814F
+
+
+@kernel
+def mulhi32(x, k):
+    """Bits 32..63 of x * k: a multiply-shift hash of x. Those bits depend only on the
+    product modulo 2**64, so wrapping int64 (compiled) and exact ints (reference)
+    agree."""
+    return ((x * k) >> 32) & M32
+
+
+@kernel
+def _endpoint(a0, a1, a2, a3, port):
+    """Hash of one (address, port) endpoint; address as four 32-bit words.
+
+    A multiply-shift alone is nearly additive in its inputs (then (A,p)+(B,q) would
+    equal (A,q)+(B,p)); the XOR with the address and the murmur finalizer break that.
+    """
+    x = mulhi32(a0 | (port << 32), K1) ^ a0
+    if (a1 | a2 | a3) != 0:
+        x = mulhi32(x | (a1 << 32), K2) ^ a2
+        x = mulhi32(x | (a3 << 32), K1) ^ a1
+    return hash_final(x)
+
+
 @kernel
 def hash_words(tenant, proto, alen, a0, a1, a2, a3, b0, b1, b2, b3, sport, dport):
     """Symmetric hash of tenant + proto + {(address a, sport), (address b, dport)}.
 
-    Addresses are four 32-bit words (IPv4: one word, the rest 0). Straight-line code
-    on purpose: loops over a variable address length compiled several times slower.
+    The two endpoints are hashed apart and added: addition does not care which is
+    the source, so no comparison is needed. Straight-line code on purpose (loops over
+    a variable address length compiled several times slower).
     """
-    swap = False
-    if a0 != b0:
-        swap = a0 > b0
-    elif a1 != b1:
-        swap = a1 > b1
-    elif a2 != b2:
-        swap = a2 > b2
-    elif a3 != b3:
-        swap = a3 > b3
-    else:
-        swap = sport > dport
-    if swap:
-        a0, a1, a2, a3, b0, b1, b2, b3 = b0, b1, b2, b3, a0, a1, a2, a3
-        sport, dport = dport, sport
-    h = hash_mix(HASH_SEED, tenant & M32)
-    h = hash_mix(h, (proto << 16) | alen)
-    h = hash_mix(h, a0)
-    h = hash_mix(h, b0)
-    if alen == 16:
-        h = hash_mix(h, a1)
-        h = hash_mix(h, a2)
-        h = hash_mix(h, a3)
-        h = hash_mix(h, b1)
-        h = hash_mix(h, b2)
-        h = hash_mix(h, b3)
-    h = hash_mix(h, (sport << 16) | dport)
-    return hash_final(h)
+    e = (_endpoint(a0, a1, a2, a3, sport) + _endpoint(b0, b1, b2, b3, dport)) & M32
+    t = mulhi32((tenant & M32) | (((proto << 8) | alen) << 32), K2)
+    return hash_final(e ^ t)
 
 
 @kernel
@@ -322,17 +325,9 @@ def _parse_ipv6(pkt, n, row, off, tenant):
 
 @kernel
 def _l2_hash(pkt, tenant, etype):
-    a = (rd32(pkt, 0) << 16) | rd16(pkt, 4)
-    b = (rd32(pkt, 6) << 16) | rd16(pkt, 10)
-    if b < a:
-        a, b = b, a
-    h = hash_mix(HASH_SEED, tenant & M32)
-    h = hash_mix(h, etype)
-    h = hash_mix(h, (a >> 32) & M32)
-    h = hash_mix(h, a & M32)
-    h = hash_mix(h, (b >> 32) & M32)
-    h = hash_mix(h, b & M32)
-    return hash_final(h)
+    """Symmetric hash of the MAC pair (as two endpoints with 16-bit "ports")."""
+    return hash_words(tenant, etype & 0xFFFF, 6, rd32(pkt, 0), 0, 0, 0, rd32(pkt, 6), 0,
+                      0, 0, rd16(pkt, 4), rd16(pkt, 10))
 
 
 @kernel

@@ -18,7 +18,7 @@ import numpy as np
 from dva._jit import kernel
 
 DEFAULT_SLOTS = 16384
-DEFAULT_SLOT_SIZE = 2048
+DEFAULT_SLOT_SIZE = 2240
 DEFAULT_HEADROOM = 128
 
 

@@ -51,9 +51,23 @@ class DeviceCounters:
 
 
 @kernel
-def count_rx(meta, n, rx):
+def ingress_kernel(data, meta, n, port, tenant, origin, bucket_mask):
+    """Stamp rows that arrived on ``port`` and parse them."""
+    for i in range(n):
+        meta[i, L.IN_PORT] = port
+        meta[i, L.TENANT] = tenant
+        meta[i, L.ORIGIN] = origin
+        meta[i, L.HOPS] = 1
+    parse_batch(data, meta, 0, n, bucket_mask)
+
+
+@kernel
+def count_rx(meta, n, rx, unset):
+    """Count rows per input port and preset their verdict to ``unset`` (a device that
+    forgets a row gets it counted as a bad verdict)."""
     for i in range(n):
         rx[meta[i, L.IN_PORT]] += 1
+        meta[i, L.VERDICT] = unset
 
 
 @kernel
@@ -189,6 +203,8 @@ class Engine:
         self.injected = 0  # packets put straight into a device port (dva trace)
         self.nq = plan.ndev + nattach
         self.inq = [PacketBatch(pool, 256) for _ in plan.devices]
+        # Output batches are reused: what process() returns is valid until the next call.
+        self.outputs = [PacketBatch(pool, 256) for _ in plan.attachments]
         self.qstart = np.zeros(self.nq + 1, np.int64)
         self._scratch(1024)
         self.tracer = None  # callable(device_index, batch, n_in) for dva trace
@@ -208,25 +224,32 @@ class Engine:
 
     def inject(self, dev: int, port: int, batch: PacketBatch, now: float,
                origin: int = -1) -> list[PacketBatch]:
-        """Run ``batch`` as if it arrived on port ``port`` of device ``dev``."""
+        """Run ``batch`` as if it arrived on port ``port`` of device ``dev``.
+
+        The rows (and their slots) pass to the engine; ``batch`` is left empty. The
+        returned per-attachment batches are reused by the next call.
+        """
+        outputs = self.outputs
+        for o in outputs:
+            o.n = 0
         n = batch.n
-        outputs = [PacketBatch(self.pool, 1) for _ in self.plan.attachments]
         if n == 0:
             return outputs
         if origin < 0:
             self.injected += n
-        meta = batch.meta
-        meta[:n, L.IN_PORT] = port
-        meta[:n, L.TENANT] = self.tenant_id
-        meta[:n, L.ORIGIN] = origin
-        meta[:n, L.HOPS] = 1
-        meta[:n, L.VERDICT] = 0
-        parse_batch(self.pool.data, meta, 0, n, self.bucket_mask)
+        ingress_kernel(self.pool.data, batch.meta, n, port, self.tenant_id, origin,
+                       self.bucket_mask)
         q = self.inq[dev]
-        q.ensure_capacity(q.n + n)
-        q.meta[q.n:q.n + n] = meta[:n]
-        q.n += n
-        batch.n = 0  # the rows now belong to the graph
+        if q.n == 0 and q.capacity >= batch.capacity:
+            # Take the rows without copying: swap metadata matrices (the caller's
+            # batch keeps at least the capacity it had).
+            q.meta, batch.meta = batch.meta, q.meta
+            q.n = n
+        else:
+            q.ensure_capacity(q.n + n)
+            q.meta[q.n:q.n + n] = batch.meta[:n]
+            q.n += n
+        batch.n = 0
         self._drain([dev], outputs, now)
         return outputs
 
@@ -243,8 +266,7 @@ class Engine:
             n_in = b.n
             b.ensure_capacity(n_in * (1 + dev.max_emit) + dev.emit_reserve)
             c = self.counters[d]
-            count_rx(b.meta, n_in, c.rx)
-            b.meta[:n_in, L.VERDICT] = DROP_BASE - len(dev.drop_reasons)  # unset: bad
+            count_rx(b.meta, n_in, c.rx, DROP_BASE - len(dev.drop_reasons))
             dev.process(b, self.states[d], now)
             if self.tracer is not None:
                 self.tracer(d, b, n_in)

@@ -1,0 +1,199 @@
+"""Packet-path throughput on one core, in memory: parse+hash, the switch, the engine.
+
+    python benchmarks/packet_path.py [--runs 7] [--out benchmarks/results/packet_path.json]
+
+For batch sizes 32, 256 and 2048 it measures, as the median of ``--runs`` runs:
+
+* ``parse``  -- parse_batch (headers, symmetric flow hash, bucket) per packet;
+* ``switch`` -- parse + the switch device's process() (MAC learning and lookup,
+  verdicts) on a warm 4-port switch: the compiled switch path;
+* ``engine`` -- the whole inline engine: a batch arriving on one port (rotating
+  over the four), stamped and parsed, the switch, routing by verdict, and the
+  per-port output batches.
+
+Traffic: 64-byte UDP/IPv4 frames between 8 hosts (1024 flows) spread over the 4
+ports, all destinations learned. The same code with numba's JIT switched off (the
+readable reference) runs in a subprocess on fewer packets, and the ratio is
+reported. Figures print as a table and go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy loads: no spinning BLAS threads on the cores being measured.
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BATCHES = (32, 256, 2048)
+APPLIANCE = """
+appliance: bench
+devices:
+  lan: {type: switch, ports: [p0, p1, p2, p3]}
+attach:
+  lan.p0: {memory: p0}
+  lan.p1: {memory: p1}
+  lan.p2: {memory: p2}
+  lan.p3: {memory: p3}
+"""
+
+
+def host_mac(h: int) -> str:
+    return f"02:00:00:00:01:{h:02x}"
+
+
+def make_frames(n: int) -> tuple[list[bytes], list[int]]:
+    """n frames and the port each arrives on (its source host's port)."""
+    from dva.packet.build import UDP, Eth, IPv4, Raw
+
+    frames, ports = [], []
+    for i in range(n):
+        s = i % 8
+        d = (s + (1, 2, 3, 5, 6, 7)[(i // 8) % 6]) % 8  # never a host on s's own port
+        f = Eth(src=host_mac(s), dst=host_mac(d)) / IPv4(src=f"10.0.0.{s + 1}",
+                                                          dst=f"10.0.0.{d + 1}") \
+            / UDP(sport=1024 + i % 128, dport=5000 + d) / Raw(bytes(18))
+        frames.append(bytes(f))
+        ports.append(s % 4)
+    return frames, ports
+
+
+def setup(batch: int):
+    from dva.graph.appliance import parse_appliance
+    from dva.graph.plan import compile_plan
+    from dva.packet import layout as L
+    from dva.packet.batch import PacketBatch
+    from dva.packet.pool import PacketPool
+    from dva.worker.engine import Engine
+
+    plan = compile_plan(parse_appliance(APPLIANCE))
+    pool = PacketPool(max(8 * batch, 4096))
+    eng = Engine(plan, pool)
+    frames, ports = make_frames(batch)
+    b = PacketBatch(pool, batch)
+    b.add_frames(frames)
+    b.meta[: b.n, L.IN_PORT] = ports
+    # Warm the MAC table: every host sends once from its port.
+    for h in range(8):
+        w = PacketBatch(pool, 1)
+        w.add_frame(bytes.fromhex("ffffffffffff") + bytes.fromhex(host_mac(h).replace(":", ""))
+                    + bytes.fromhex("88b5") + bytes(46))
+        for o in eng.process(h % 4, w, 0.0):
+            o.release_all()
+    return eng, b
+
+
+def port_batches(eng, batch: int):
+    """For the engine: one batch of ``batch`` frames per ingress port, from that
+    port's hosts to hosts on the other ports (as a dispatcher would deliver them)."""
+    from dva.packet import layout as L
+    from dva.packet.batch import PacketBatch
+
+    frames, ports = make_frames(batch * 8)
+    out = []
+    for p in range(4):
+        b = PacketBatch(eng.pool, batch)
+        b.add_frames([f for f, q in zip(frames, ports) if q == p][:batch])
+        out.append((b, b.meta[: b.n].copy()))
+    assert all(b.n == batch for b, _ in out)
+    return out
+
+
+def make_step(kind: str, batch: int):
+    """A closure running one batch of ``kind`` on a fresh appliance; returns
+    (step, packets per step)."""
+    from dva.packet.parse import parse_batch
+
+    eng, b = setup(batch)
+    dev, state = eng.plan.devices[0], eng.states[0]
+    data, meta, n = b.pool.data, b.meta, b.n
+    per_port = port_batches(eng, batch) if kind == "engine" else []
+    turn = [0]
+
+    def step():
+        if kind == "parse":
+            parse_batch(data, meta, 0, n, 4095)
+        elif kind == "switch":
+            parse_batch(data, meta, 0, n, 4095)
+            dev.process(b, state, 1.0)
+        else:
+            p = turn[0] = (turn[0] + 1) & 3
+            pb, saved = per_port[p]
+            pb.meta[:n] = saved  # the same slots again: frames are unchanged
+            pb.n = n
+            for o in eng.process(p, pb, 1.0):
+                o.n = 0  # "sent"; the slots are re-used by the next round
+
+    step()  # compile / warm
+    return step, n
+
+
+def measure(packets: int, runs: int) -> dict:
+    """Median Mpps per (kind, batch). Runs are interleaved round-robin over all
+    configurations, so that the machine's slow and fast moments hit all alike."""
+    steps = {f"{k}/{b}": make_step(k, b) for k in ("parse", "switch", "engine")
+             for b in BATCHES}
+    mpps: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(runs):
+        for key, (step, n) in steps.items():
+            iters = max(1, packets // n)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                step()
+            mpps[key].append(iters * n / (time.perf_counter() - t0) / 1e6)
+    return {k: {"median_mpps": statistics.median(v), "runs": v} for k, v in mpps.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--packets", type=int, default=2_000_000,
+                    help="packets per run (compiled)")
+    ap.add_argument("--ref-packets", type=int, default=8192,
+                    help="packets per run for the JIT-off reference")
+    ap.add_argument("--out", default=str(HERE / "results" / "packet_path.json"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+    if a.child:  # the JIT-off reference, inside a subprocess
+        print(json.dumps(measure(a.ref_packets, 3)))
+        return
+
+    jit = measure(a.packets, a.runs)
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    ref_out = subprocess.run([sys.executable, __file__, "--child", "--ref-packets",
+                              str(a.ref_packets)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+    ref = json.loads(ref_out.strip().splitlines()[-1])
+
+    print(f"{'path':8} {'batch':>6} {'JIT Mpps':>10} {'ref Mpps':>10} {'JIT/ref':>9}")
+    rows = {}
+    for key, v in jit.items():
+        kind, batch = key.split("/")
+        r = ref[key]["median_mpps"]
+        ratio = v["median_mpps"] / r if r else float("inf")
+        print(f"{kind:8} {batch:>6} {v['median_mpps']:10.2f} {r:10.4f} {ratio:9.0f}")
+        rows[key] = {"jit_median_mpps": v["median_mpps"], "jit_runs": v["runs"],
+                     "ref_median_mpps": r, "ratio": ratio}
+    meta = {"command": "python benchmarks/packet_path.py " + " ".join(sys.argv[1:]),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+            "runs": a.runs, "packets_per_run": a.packets, "ref_packets_per_run": a.ref_packets}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
