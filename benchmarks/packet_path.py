@@ -96,7 +96,6 @@ def setup(batch: int):
 def port_batches(eng, batch: int):
     """For the engine: one batch of ``batch`` frames per ingress port, from that
     port's hosts to hosts on the other ports (as a dispatcher would deliver them)."""
-    from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
 
     frames, ports = make_frames(batch * 8)

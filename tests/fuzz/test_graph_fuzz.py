@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from workload import PORTS, graph_inputs, run_graph
 
 REGRESSIONS = Path(__file__).parent / "regressions"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from golden.harness import check_case, load_case
 
 CASES = sorted(Path(__file__).parent.glob("*/*.yaml"))

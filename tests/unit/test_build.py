@@ -8,13 +8,21 @@ import struct
 from typing import Callable
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import (
     ICMP as SICMP,
+)
+from scapy.layers.inet import (
     IP as SIP,
+)
+from scapy.layers.inet import (
     TCP as STCP,
+)
+from scapy.layers.inet import (
     UDP as SUDP,
+)
+from scapy.layers.inet import (
     IPOption_LSRR,
     IPOption_Router_Alert,
     IPOption_RR,
@@ -25,15 +33,20 @@ from scapy.layers.inet6 import (
     ICMPv6EchoReply,
     ICMPv6EchoRequest,
     ICMPv6PacketTooBig,
-    IPv6 as SIPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
     RouterAlert,
 )
-from scapy.layers.l2 import ARP as SARP, Dot1Q as SDot1Q, Ether as SEther
-from scapy.packet import Packet, Raw as SRaw
+from scapy.layers.inet6 import (
+    IPv6 as SIPv6,
+)
+from scapy.layers.l2 import ARP as SARP
+from scapy.layers.l2 import Dot1Q as SDot1Q
+from scapy.layers.l2 import Ether as SEther
+from scapy.packet import Packet
+from scapy.packet import Raw as SRaw
 
 from dva.packet.build import (
     ARP,

@@ -7,11 +7,10 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
-
 import scapy.layers.inet  # noqa: F401  (layer bindings)
 import scapy.layers.inet6  # noqa: F401
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP as SICMP
 from scapy.layers.inet import IP as SIP
 from scapy.layers.inet import TCP as STCP
@@ -23,7 +22,7 @@ from scapy.packet import Raw as SRaw
 from scapy.utils import checksum as scapy_checksum
 
 from dva.packet import layout as L
-from dva.packet.build import IPv4, UDP, TCP, Eth, Raw
+from dva.packet.build import TCP, UDP, Eth, IPv4, Raw
 from dva.packet.checksum import (
     csum_add,
     csum_fold,

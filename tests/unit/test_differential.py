@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from workload import differential_outputs
 
 TESTS = Path(__file__).resolve().parents[1]

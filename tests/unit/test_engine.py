@@ -12,7 +12,7 @@ from dva.graph.appliance import parse_appliance
 from dva.nf import registry
 from dva.nf.base import MULTI, Device, DeviceConfig, DeviceState
 from dva.packet import layout as L
-from dva.packet.build import IPv4, UDP, Eth
+from dva.packet.build import UDP, Eth, IPv4
 from dva.ports.offline import MemoryPort
 
 BCAST = bytes(Eth(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")

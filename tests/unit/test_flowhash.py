@@ -126,7 +126,7 @@ def test_hash_values_match_reference_model():
          ref_flow_hash(tenant, 59, ip6(A6), ip6(B6), 0, 0)),
     ]
     rows = parse_rows([f for f, _ in cases], tenant=tenant)
-    for i, ((frame, want), row) in enumerate(zip(cases, rows)):
+    for i, ((_frame, want), row) in enumerate(zip(cases, rows)):
         assert row["err"] == "ok", i
         assert row["hash"] == want, i
 
@@ -383,7 +383,7 @@ def test_icmp_error_with_a_useless_quote_hashes_as_itself():
         icmp6_error(1, quoted),  # an IPv4 quote in ICMPv6
     ]
     rows = parse_rows(cases)
-    for i, (frame, r) in enumerate(zip(cases, rows)):
+    for i, (_frame, r) in enumerate(zip(cases, rows)):
         assert r["err"] == "ok", i
         assert not r["pflags"] & L.F_ICMP_ERROR, i
         if i < 4:

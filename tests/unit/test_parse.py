@@ -768,8 +768,10 @@ def test_reparse_overwrites_stale_metadata():
 
 
 def _scapy_first_fragments():
-    from scapy.layers.inet import IP, UDP as SUDP, fragment
-    from scapy.layers.inet6 import IPv6 as SIPv6, IPv6ExtHdrFragment, fragment6
+    from scapy.layers.inet import IP, fragment
+    from scapy.layers.inet import UDP as SUDP
+    from scapy.layers.inet6 import IPv6 as SIPv6
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
     from scapy.layers.l2 import Ether
 
     big = bytes(range(256)) * 8  # 2048-byte payload

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from dva.packet.build import (
     ARP,
@@ -28,7 +29,7 @@ ETH = f"eth(dst={DST},src={SRC})"
 # Specs that describe() must reproduce verbatim: the canonical, readable form.
 CANONICAL = [
     f"{ETH}/arp(op=1,hwsrc=02:00:00:00:00:01,psrc=10.0.0.1,pdst=10.0.0.2)",
-    f"eth(dst=00:11:22:33:44:55,src=02:00:00:00:00:01,pad=true)"
+    "eth(dst=00:11:22:33:44:55,src=02:00:00:00:00:01,pad=true)"
     "/arp(op=2,hwsrc=02:00:00:00:00:01,psrc=10.0.0.1,hwdst=00:11:22:33:44:55,pdst=10.0.0.2)",
     f"{ETH}/vlan(vid=10)/ipv4(src=10.0.0.1,dst=10.0.0.2,ttl=3)/udp(sport=1000,dport=53)"
     "/raw(hex=deadbeef)",

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dva.nf.switch import SwitchConfig
 from dva.nf.registry import get
+from dva.nf.switch import SwitchConfig
 from dva.nf.table import HashTable, TableFull
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from dataclasses import dataclass, field, KW_ONLY
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Iterator, Union
 
 __all__ = [

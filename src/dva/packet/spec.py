@@ -49,6 +49,7 @@ from typing import Any
 
 from dva.packet.build import (
     ARP,
+    ETH_MIN_FRAME,
     ICMP,
     IPV6EXT_KINDS,
     TCP,
@@ -62,11 +63,10 @@ from dva.packet.build import (
     Layer,
     Raw,
     Stack,
-    ETH_MIN_FRAME,
+    int_to_mac,
     ipv4_flags_names,
     ipv4_flags_value,
     mac_to_int,
-    int_to_mac,
     tcp_flags_letters,
     tcp_flags_value,
 )

@@ -22,8 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dva._jit import kernel
-from dva.graph.plan import GRAPH_DROPS, G_BAD_VERDICT, G_EMPTY, G_HOP_LIMIT, G_POOL, \
-    G_UNCONNECTED, Plan
+from dva.graph.plan import (
+    G_BAD_VERDICT,
+    G_EMPTY,
+    G_HOP_LIMIT,
+    G_POOL,
+    G_UNCONNECTED,
+    GRAPH_DROPS,
+    Plan,
+)
 from dva.nf.base import DROP_BASE, HOLD, MULTI, Device, DeviceState
 from dva.packet import layout as L
 from dva.packet.batch import PacketBatch, row_copy
