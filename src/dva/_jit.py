@@ -11,9 +11,44 @@ int64 arithmetic, and 32-bit results are masked explicitly.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+from pathlib import Path
 
-import numba
+
+def _cache_dir() -> Path:
+    """A numba cache folder keyed by the content of every dva source file.
+
+    numba keys a cached kernel by its own file only, so a kernel that calls one in
+    another module keeps running stale code after that module changes. One folder per
+    source state makes every change compile afresh; the newest few folders are kept.
+    """
+    pkg = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(str(p.relative_to(pkg)).encode())
+        h.update(p.read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dva"
+    here = root / f"numba-{h.hexdigest()[:16]}"
+    try:
+        old = sorted((d for d in root.glob("numba-*") if d != here),
+                     key=lambda d: d.stat().st_mtime)[:-3]
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
+    except OSError:
+        pass
+    return here
+
+
+_OWN_CACHE = "NUMBA_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["NUMBA_CACHE_DIR"] = str(_cache_dir())
+
+import numba  # noqa: E402
+
+if _OWN_CACHE:  # numba may have been imported (and read its config) before dva
+    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 JIT_ENABLED = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
