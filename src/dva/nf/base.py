@@ -22,7 +22,9 @@ Verdicts (column ``layout.VERDICT``):
 
 ``process`` may append rows to the batch (packets it generates: flood copies with a
 different encoding, ARP requests, ICMP errors) up to ``n_in * (1 + max_emit) +
-emit_reserve`` rows, which the engine guarantees fit. The device instance itself is
+emit_reserve`` rows, which the engine guarantees fit. A generated row needs its
+``SLOT``, ``START``, ``LEN`` and verdict; the engine stamps its tenant and origin and
+parses it (offsets, hash, bucket) after ``process`` returns. The device instance itself is
 immutable after construction (config and tables compiled from it); it never keeps
 state on ``self``. ``now`` is passed in: devices read no clock.
 """
@@ -139,6 +141,10 @@ class Device(ABC):
     notes: ClassVar[tuple[str, ...]] = ()
     max_emit: ClassVar[int] = 0  # rows process() may append per input row
     emit_reserve: ClassVar[int] = 0  # plus this many per batch
+    # True: the engine also calls process() with an empty batch on every tick (about
+    # every 100 ms when live), so the device can act on time alone (ARP retries,
+    # releasing or dropping held packets).
+    ticks: ClassVar[bool] = False
 
     def __init__(self, name: str, config: DeviceConfig) -> None:
         self.name = name

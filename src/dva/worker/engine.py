@@ -69,6 +69,16 @@ def ingress_kernel(data, meta, n, port, tenant, origin, bucket_mask):
 
 
 @kernel
+def finish_generated(data, meta, start, end, tenant, bucket_mask):
+    """Rows a device generated: stamp tenant and origin, parse them (keeping the
+    verdict, mask and hop count the device gave)."""
+    for i in range(start, end):
+        meta[i, L.TENANT] = tenant
+        meta[i, L.ORIGIN] = -1
+    parse_batch(data, meta, start, end, bucket_mask)
+
+
+@kernel
 def count_rx(meta, n, rx, unset):
     """Count rows per input port and preset their verdict to ``unset`` (a device that
     forgets a row gets it counted as a bad verdict)."""
@@ -260,14 +270,27 @@ class Engine:
         self._drain([dev], outputs, now)
         return outputs
 
-    def _drain(self, ready: list[int], outputs: list[PacketBatch], now: float) -> None:
+    def tick(self, now: float) -> list[PacketBatch]:
+        """Let devices that act on time alone (``Device.ticks``) run; returns what
+        they sent out of attachments, like :meth:`process`."""
+        outputs = self.outputs
+        for o in outputs:
+            o.n = 0
+        ticking = [d for d, dev in enumerate(self.plan.devices) if dev.ticks]
+        if ticking:
+            self._drain(ticking, outputs, now, ticking=True)
+        return outputs
+
+    def _drain(self, ready: list[int], outputs: list[PacketBatch], now: float,
+               ticking: bool = False) -> None:
         plan = self.plan
         ndev = plan.ndev
         pending = list(ready)
         while pending:
             d = pending.pop(0)
             b = self.inq[d]
-            if b.n == 0:
+            # During a tick a ticking device runs even with no input.
+            if b.n == 0 and not (ticking and plan.devices[d].ticks):
                 continue
             dev = plan.devices[d]
             n_in = b.n
@@ -275,6 +298,9 @@ class Engine:
             c = self.counters[d]
             count_rx(b.meta, n_in, c.rx, DROP_BASE - len(dev.drop_reasons))
             dev.process(b, self.states[d], now)
+            if b.n > n_in:
+                finish_generated(self.pool.data, b.meta, n_in, b.n, self.tenant_id,
+                                 self.bucket_mask)
             if self.tracer is not None:
                 self.tracer(d, b, n_in)
             worst = b.n * max(1, len(dev.ports))
