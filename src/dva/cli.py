@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -66,15 +68,33 @@ def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Tabl
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1, 65536))
 @click.option("--hop-limit", default=16, show_default=True, type=click.IntRange(1, 255))
 @click.option("--all", "show_all", is_flag=True, help="Show counters that stayed 0.")
-@click.option("--json", "as_json", is_flag=True, help="Print counters as JSON.")
-@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print (final) counters as JSON.")
+@click.option("--quiet", is_flag=True, help="No live view, no counter table; errors only.")
+@click.option("--duration", type=click.FloatRange(min=0), default=None,
+              help="Live: stop after this many seconds.")
+@click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
+              help="Live: create this file once every port is open and traffic flows.")
 def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: bool,
-        quiet: bool) -> None:
-    """Run the appliance in FILE over its pcap inputs (offline) and print counters."""
+        quiet: bool, duration: float | None, ready_file: str | None) -> None:
+    """Run the appliance in FILE.
+
+    With pcap/memory attachments: offline, over the pcap inputs, then print counters.
+    With af_packet/tap attachments: live, until SIGINT/SIGTERM (or --duration), with a
+    live view of rates and drops, then print the final counters.
+    """
+    from dva.dispatch.live import LIVE_KINDS
+
+    app = _load(file)
+    if any(a.spec.kind in LIVE_KINDS for a in app.attachments):
+        _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file)
+    else:
+        _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet)
+
+
+def _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet) -> None:
     from dva.dispatch.offline import OfflineRunner
     from dva.ports.offline import PortError
 
-    app = _load(file)
     try:
         with OfflineRunner(app, batch_size=batch_size, hop_limit=hop_limit) as r:
             res = r.run()
@@ -89,6 +109,75 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
     for e in res.accounting_errors:
         err.print(f"accounting error: {e}", markup=False)
     sys.exit(1 if res.accounting_errors else 0)
+
+
+def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
+              ready_file) -> None:
+    import signal
+
+    from dva.dispatch.live import LiveRunner
+    from dva.ports.offline import PortError
+
+    try:
+        runner = LiveRunner(app, batch_size=batch_size, hop_limit=hop_limit)
+    except PortError as e:
+        err.print(f"error: {e}", markup=False)
+        sys.exit(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runner.stop())
+    failure = None
+    with runner:
+        if ready_file:
+            Path(ready_file).touch()
+        try:
+            if quiet or as_json:
+                runner.run(duration)
+            else:
+                _live_view(runner, duration)
+        except PortError as e:
+            failure = str(e)
+        counters = runner.counters()
+        errs = runner.engine.accounting_errors()
+    if as_json:
+        out.print_json(json.dumps(counters))
+    elif not quiet:
+        elapsed = time.monotonic() - runner.started
+        out.print(counters_table(f"{app.qualified_name}: stopped after {elapsed:.1f} s",
+                                 counters, show_all))
+    if failure:
+        err.print(f"error: {failure}", markup=False)
+    for e in errs:
+        err.print(f"accounting error: {e}", markup=False)
+    sys.exit(1 if failure or errs else 0)
+
+
+def _live_view(runner, duration) -> None:
+    """Rates per port and drops per reason, refreshed every second."""
+    from rich.live import Live
+
+    last = {"t": time.monotonic(), "c": runner.counters()}
+
+    def table():
+        now = time.monotonic()
+        c = runner.counters()
+        dt = max(now - last["t"], 1e-9)
+        t = Table(title=f"{runner.app.qualified_name}: live (Ctrl-C stops)",
+                  title_justify="left")
+        for col in ("port", "rx pps", "tx pps", "rx total", "tx total"):
+            t.add_column(col, justify="left" if col == "port" else "right")
+        for att in runner.plan.attachments:
+            rx, tx = c[f"port {att.ref} rx"], c[f"port {att.ref} tx"]
+            drx = (rx - last["c"].get(f"port {att.ref} rx", 0)) / dt
+            dtx = (tx - last["c"].get(f"port {att.ref} tx", 0)) / dt
+            t.add_row(att.ref, f"{drx:,.0f}", f"{dtx:,.0f}", f"{rx:,}", f"{tx:,}")
+        drops = {k: v for k, v in c.items() if "drop/" in k and v}
+        for k, v in drops.items():
+            t.add_row(f"[red]{k}[/]", "", "", f"{v:,}", "")
+        last["t"], last["c"] = now, c
+        return t
+
+    with Live(table(), console=out, refresh_per_second=2, transient=False) as live:
+        runner.run(duration, every_second=lambda r: live.update(table()))
 
 
 @main.command()
@@ -138,6 +227,32 @@ def trace(file: str, inport: str, packets: tuple[str, ...], now: float) -> None:
     for e in errs:
         err.print(f"accounting error: {e}", markup=False)
     sys.exit(1 if errs else 0)
+
+
+@main.command()
+def demo() -> None:
+    """Build a lab of Linux hosts in namespaces, run a live appliance between them,
+    check real traffic, then remove everything (needs root)."""
+    from dva.tools.demo import run_demo
+    from dva.tools.lab import Lab
+
+    why = Lab.check_environment()
+    if why:
+        err.print(f"error: the demo {why}", markup=False)
+        sys.exit(1)
+    try:
+        res = run_demo(say=lambda s: out.print(s, markup=False))
+    except KeyboardInterrupt:
+        err.print("interrupted: the lab was removed", markup=False)
+        sys.exit(130)
+    except Exception as e:  # a failed lab step: say what, no traceback
+        err.print(f"error: {e}", markup=False)
+        sys.exit(1)
+    if res.counters:
+        out.print(counters_table("appliance counters at the end", res.counters, False))
+    passed = sum(c.ok for c in res.checks)
+    out.print(f"{passed} of {len(res.checks)} checks passed; the lab was removed")
+    sys.exit(0 if res.ok else 1)
 
 
 def _describe(frame: bytes) -> str:

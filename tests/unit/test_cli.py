@@ -285,7 +285,7 @@ def test_run_missing_input_pcap(tmp_path: Path):
     assert "h1.pcap" in err[0] and "does not exist" in err[0]
 
 
-def test_run_af_packet_attachment_is_refused(tmp_path: Path):
+def test_live_run_refuses_non_interface_attachments(tmp_path: Path):
     write(tmp_path / "edge.yaml", """\
         appliance: edge
         devices:
@@ -298,8 +298,24 @@ def test_run_af_packet_attachment_is_refused(tmp_path: Path):
     assert p.returncode != 0
     err = nonempty_lines(p.stderr)
     assert len(err) == 1
-    assert err[0].startswith("error: lan.h2: af_packet")
-    assert "offline" in err[0]
+    assert err[0].startswith("error: a live run attaches only interfaces")
+    assert "lan.h1" in err[0]
+
+
+def test_live_run_on_a_missing_interface_is_a_clean_error(tmp_path: Path):
+    write(tmp_path / "edge.yaml", """\
+        appliance: edge
+        devices:
+          lan: {type: switch, ports: [h1, h2]}
+        attach:
+          lan.h1: {af_packet: dvanosuch0}
+          lan.h2: {af_packet: dvanosuch1}
+        """)
+    p = dva("run", "edge.yaml", cwd=tmp_path)
+    assert p.returncode == 1
+    err = nonempty_lines(p.stderr)
+    assert len(err) == 1 and "Traceback" not in p.stderr
+    assert "lan.h1" in err[0] and "dvanosuch0" in err[0] and "no such interface" in err[0]
 
 
 def test_run_input_that_is_not_a_pcap(tmp_path: Path):
