@@ -7,12 +7,13 @@ namespace and link is removed afterwards, also when a test fails.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from dva.tools.demo import start_appliance, stop_appliance
+from dva.tools.demo import run_demo, start_appliance, stop_appliance
 from dva.tools.lab import Lab, leftovers
 
 pytestmark = pytest.mark.system
@@ -60,3 +61,18 @@ def test_switch_between_two_hosts(lab):
     assert counters["sw.a rx"] == counters["sw.b tx"]
     assert counters["sw.b rx"] == counters["sw.a tx"]
     assert counters["sw learned"] == 2
+
+
+def test_demo_lab_router_switch_real_tools():
+    """The README's demo as a test: every check of real traffic passes."""
+    lines: list[str] = []
+    res = run_demo(say=lines.append)
+    text = "\n".join(lines)
+    assert res.ok, text
+    names = [c.what for c in res.checks]
+    assert any("curl" in n for n in names) and any("traceroute" in n for n in names)
+    c = res.counters
+    assert c["r1 drop/no_route"] >= 1
+    assert c["r1 drop/ttl_exceeded"] >= 1  # traceroute's first probes
+    prefix = re.search(r"dva\d+[0-9a-f]{4}", text)
+    assert prefix is None or leftovers(prefix.group(0)) == []

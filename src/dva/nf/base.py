@@ -104,6 +104,10 @@ class DeviceState:
     def import_shared(self, data: bytes, now: float) -> int:
         return _unpack_into(self.shared_tables, data, now)
 
+    def held_slots(self) -> int:
+        """Packet slots this state keeps right now (HOLD verdicts not yet released)."""
+        return 0
+
     def maintain(self, now: float) -> int:
         """Per-batch upkeep of every table; returns entries expired."""
         n = 0

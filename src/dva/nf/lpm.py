@@ -1,0 +1,123 @@
+"""IPv4 longest-prefix match: a DIR-24-8 table (Gupta, Lin, McKeown 1998; DPDK rte_lpm).
+
+Two arrays of ``int32`` entries:
+
+* ``tbl24`` -- 2**24 entries, one per /24 (indexed by the top 24 bits of the address);
+* ``tbl8`` -- groups of 256 entries, one group per /24 that holds a prefix longer
+  than /24 (indexed by ``group * 256 + the low 8 bits``).
+
+An entry is a next-hop number (``0``: no route), or, in ``tbl24`` only, ``EXT | g``:
+"look in tbl8 group ``g``". A lookup is therefore one read, or two: O(1) whatever the
+number of routes, and :func:`lpm_lookup` is a kernel callable from device kernels.
+
+Building (plain numpy, once per config): prefixes are applied shortest first, so a
+longer prefix overwrites the range of a shorter one it lies in. A /k with k <= 24
+fills 2**(24-k) tbl24 entries; a /k with k > 24 gets (or creates) the tbl8 group of
+its /24 -- a new group starts as a copy of the tbl24 entry it replaces, which is the
+shorter prefix covering it -- and fills 2**(32-k) entries of it. Equal prefixes: the
+later one wins. 100k random routes build in well under a second (``tests/unit/test_lpm.py``
+prints the time).
+
+Memory: ``tbl24`` is 64 MiB (int32 so that next-hop numbers and group numbers have
+30 bits, unlike rte_lpm's original 8-bit next hops); each tbl8 group is 1 KiB. Pages of
+``tbl24`` that no prefix touches are never written (``np.zeros`` is lazily mapped).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dva._jit import i64, kernel
+
+EXT = 1 << 30  # tbl24 entry flag: the rest is a tbl8 group number
+NH_MAX = EXT - 1  # largest next-hop number
+TBL24_SIZE = 1 << 24
+GROUP = 256
+
+
+@kernel
+def lpm_lookup(tbl24, tbl8, addr):
+    """Next-hop number of the longest prefix matching ``addr`` (0: no route)."""
+    e = i64(tbl24[(addr >> 8) & 0xFFFFFF])
+    if e & EXT:
+        e = i64(tbl8[((e ^ EXT) << 8) | (addr & 0xFF)])
+    return e
+
+
+@kernel
+def lpm_lookup_many(tbl24, tbl8, addrs, out):
+    """``out[i] = lpm_lookup(addrs[i])`` for every address."""
+    for i in range(addrs.shape[0]):
+        out[i] = lpm_lookup(tbl24, tbl8, i64(addrs[i]))
+
+
+def prefix_mask(length: int) -> int:
+    return (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+
+
+class Lpm:
+    """A built DIR-24-8 table. Immutable once built (a new config builds a new one).
+
+    ``Lpm(prefixes, lengths, nexthops)``: three equally long array-likes; addresses as
+    unsigned 32-bit integers (host bits beyond the length are ignored), lengths 0..32,
+    next hops 1..NH_MAX.
+    """
+
+    def __init__(self, prefixes, lengths, nexthops) -> None:
+        p = np.asarray(prefixes, np.int64).reshape(-1)
+        ln = np.asarray(lengths, np.int64).reshape(-1)
+        nh = np.asarray(nexthops, np.int64).reshape(-1)
+        if not (len(p) == len(ln) == len(nh)):
+            raise ValueError("prefixes, lengths and next hops differ in number")
+        if len(p):
+            if ln.min() < 0 or ln.max() > 32:
+                raise ValueError("prefix lengths must be 0..32")
+            if nh.min() < 1 or nh.max() > NH_MAX:
+                raise ValueError(f"next hops must be 1..{NH_MAX}")
+            if p.min() < 0 or p.max() > 0xFFFFFFFF:
+                raise ValueError("IPv4 addresses are 0..2**32-1")
+        masks = (0xFFFFFFFF << (32 - ln)) & 0xFFFFFFFF
+        p = p & masks
+        # Equal prefixes: keep the last (first in reverse), so each range is filled once
+        # per distinct prefix (at most 2**k prefixes of length k: bounded work).
+        _, last = np.unique(((p << 6) | ln)[::-1], return_index=True)
+        keep = len(p) - 1 - last
+        p, ln, nh = p[keep], ln[keep], nh[keep]
+        self.routes = len(p)
+        order = np.argsort(ln, kind="stable")  # shortest first
+        short = order[ln[order] <= 24]
+        long_ = order[ln[order] > 24]
+        tbl24 = np.zeros(TBL24_SIZE, np.int32)
+        for a, k, h in zip((p[short] >> 8).tolist(), ln[short].tolist(), nh[short].tolist()):
+            tbl24[a:a + (1 << (24 - k))] = h
+        ngroups = len(np.unique(p[long_] >> 8)) if len(long_) else 0
+        tbl8 = np.zeros(max(ngroups, 1) * GROUP, np.int32)
+        g_next = 0
+        for a, k, h in zip(p[long_].tolist(), ln[long_].tolist(), nh[long_].tolist()):
+            i24 = a >> 8
+            e = int(tbl24[i24])
+            if e & EXT:
+                g = e ^ EXT
+            else:
+                g = g_next
+                g_next += 1
+                tbl8[g * GROUP:(g + 1) * GROUP] = e
+                tbl24[i24] = EXT | g
+            lo = g * GROUP + (a & 0xFF)
+            tbl8[lo:lo + (1 << (32 - k))] = h
+        self.tbl24 = tbl24
+        self.tbl8 = tbl8
+        self.groups = g_next
+
+    @property
+    def nbytes(self) -> int:
+        return self.tbl24.nbytes + self.tbl8.nbytes
+
+    def lookup(self, addr: int) -> int:
+        return int(lpm_lookup(self.tbl24, self.tbl8, int(addr)))
+
+    def lookup_many(self, addrs) -> np.ndarray:
+        a = np.asarray(addrs, np.int64).reshape(-1)
+        out = np.zeros(len(a), np.int64)
+        lpm_lookup_many(self.tbl24, self.tbl8, a, out)
+        return out
