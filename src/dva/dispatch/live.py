@@ -109,9 +109,21 @@ class LiveRunner:
             if now >= next_tick:
                 self._deliver(self.engine.tick(now))
                 next_tick = now + TICK
-            if every_second is not None and now >= next_second:
-                every_second(self)
+            if now >= next_second:
+                self.read_kernel_drops()
+                if every_second is not None:
+                    every_second(self)
                 next_second = now + 1.0
+        self.read_kernel_drops()
+
+    def read_kernel_drops(self) -> None:
+        """Fold what the kernel dropped before our rings (ring full) into the ports'
+        ``kernel_drops`` counters: nothing is lost uncounted."""
+        for p in self.ports:
+            try:
+                p.kernel_stats()
+            except PortError:
+                pass  # a port that is gone reports that from recv/send
 
     def _pump(self, a: int) -> None:
         """Move frames from port ``a`` through the graph until it has no more
