@@ -27,6 +27,10 @@ TICK = 0.1
 LIVE_KINDS = ("af_packet", "tap")
 PUMP_ROUNDS = 512  # receive calls per port per wake-up at most (fairness bound)
 IDLE_ROUNDS = 200  # empty rounds (1 ms polls) before polling at TICK/2
+# A ring block is handed over when full or after 1 ms (low latency); at low rates a
+# block then holds a millisecond of traffic, so the block count is what buffers a
+# stall of the process: 512 blocks of 64 KiB (32 MiB) ride out about half a second.
+AF_PACKET_RING = {"frame_timeout_ms": 1, "block_size": 1 << 16, "block_count": 512}
 
 
 class LiveRunner:
@@ -49,7 +53,7 @@ class LiveRunner:
         self.ports = []
         try:
             for att in self.plan.attachments:
-                kw = {"frame_timeout_ms": 1} if att.spec.kind == "af_packet" else {}
+                kw = AF_PACKET_RING if att.spec.kind == "af_packet" else {}
                 self.ports.append(open_live(att.ref, att.spec.kind, att.spec.target, **kw))
             self._warm()
         except BaseException:
