@@ -24,6 +24,8 @@ from pathlib import Path
 
 from dva.tools.lab import Lab
 
+READY_TIMEOUT = 180  # seconds for dva run to open its ports and compile its kernels
+
 APPLIANCE = """\
 appliance: demo
 tenant: lab
@@ -69,13 +71,15 @@ def start_appliance(path: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
     proc = subprocess.Popen([sys.executable, "-m", "dva.cli", "run", str(path), "--json",
                              "--ready-file", str(ready)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60  # first run compiles the kernels
+    # The first run after any source change compiles every kernel (the router's alone
+    # takes ~35 s on these machines); later runs load them from the cache.
+    deadline = time.monotonic() + READY_TIMEOUT
     while not ready.exists():
         if proc.poll() is not None:
             raise RuntimeError(f"the appliance did not start: {proc.stderr.read().strip()}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("the appliance did not get ready within 60 s")
+            raise RuntimeError(f"the appliance did not get ready within {READY_TIMEOUT} s")
         time.sleep(0.1)
     return proc, ready
 
