@@ -70,6 +70,7 @@ class LiveRunner:
             p.warm(self.batch)
         pool = PacketPool(256)
         eng = Engine(self.plan, pool, hop_limit=self.engine.hop_limit)
+        eng.warm()
         frame = (b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x08\x06"
                  + bytes.fromhex("0001080006040001020000000001c0000201000000000000c0000202")
                  + bytes(18))

@@ -270,6 +270,25 @@ class Engine:
         self._drain([dev], outputs, now)
         return outputs
 
+    def warm(self) -> None:
+        """Compile every kernel a batch can reach, with no packet: the engine's own
+        (ingress, counting, generated rows, routing) and each device's process().
+        Meant for a throwaway engine on the same plan: device time starts at 0."""
+        b = PacketBatch(self.pool, 4)
+        data, meta = self.pool.data, b.meta
+        ingress_kernel(data, meta, 0, 0, self.tenant_id, -1, self.bucket_mask)
+        finish_generated(data, meta, 0, 0, self.tenant_id, self.bucket_mask)
+        for d, dev in enumerate(self.plan.devices):
+            c = self.counters[d]
+            count_rx(meta, 0, c.rx, DROP_BASE - len(dev.drop_reasons))
+            b.n = 0
+            dev.process(b, self.states[d], 0.0)
+            b.ensure_capacity(len(dev.ports))
+            route_kernel(data, self.pool.free, self.pool.top, b.meta, 0, 0,
+                         self.plan.dest_q[d], self.plan.dest_port[d], self.plan.ndev,
+                         self.nq, self.hop_limit, c.tx, c.drops, c.misc, self.graph_drops,
+                         self.sr, self.sp, self.ss, self.sq, self.out, self.qstart)
+
     def tick(self, now: float) -> list[PacketBatch]:
         """Let devices that act on time alone (``Device.ticks``) run; returns what
         they sent out of attachments, like :meth:`process`."""
