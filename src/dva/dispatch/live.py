@@ -64,23 +64,11 @@ class LiveRunner:
 
     def _warm(self) -> None:
         """Compile every kernel traffic will use before any frame arrives: the ports'
-        rings, and the graph run by a throwaway engine on the same plan (its own pool
-        and state, so the real appliance learns nothing from it)."""
+        rings, and the graph's kernels through a throwaway engine on the same plan (its
+        own pool and state, so the real appliance learns nothing from it)."""
         for p in self.ports:
             p.warm(self.batch)
-        pool = PacketPool(256)
-        eng = Engine(self.plan, pool, hop_limit=self.engine.hop_limit)
-        eng.warm()
-        frame = (b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x08\x06"
-                 + bytes.fromhex("0001080006040001020000000001c0000201000000000000c0000202")
-                 + bytes(18))
-        for a in range(len(self.plan.attachments)):
-            b = PacketBatch(pool, 4)
-            b.add_frame(frame)
-            for o in eng.process(a, b, 0.0):
-                o.release_all()
-        for o in eng.tick(1.0):
-            o.release_all()
+        Engine(self.plan, PacketPool(256), hop_limit=self.engine.hop_limit).warm()
 
     def stop(self) -> None:
         self._stop = True
