@@ -32,6 +32,11 @@ class RunResult:
     batches: int = 0
 
 
+def _needs_live(att) -> PortError:
+    return PortError(f"{att.ref}: {att.spec.kind} attachments need live ports, which an "
+                     f"offline run does not open (use memory or pcap)")
+
+
 class OfflineRunner:
     """Owns the pool, the engine and the offline ports of one appliance."""
 
@@ -71,8 +76,7 @@ class OfflineRunner:
                 if not path.is_file():
                     raise PortError(f"{att.ref}: pcap input {path} does not exist")
             elif spec.kind in ("af_packet", "tap"):
-                raise PortError(f"{att.ref}: {spec.kind} attachments need live ports, "
-                                f"which an offline run does not open (use memory or pcap)")
+                raise _needs_live(att)
 
     def _open(self, att, open_files: bool) -> OfflinePort:
         spec = att.spec
@@ -87,8 +91,7 @@ class OfflineRunner:
             r = self.app.resolve(spec.pcap.read) if spec.pcap.read else None
             w = self.app.resolve(spec.pcap.write) if spec.pcap.write else None
             return PcapPort(att.ref, r, w)
-        raise PortError(f"{att.ref}: {spec.kind} attachments need live ports, which an "
-                        f"offline run does not open (use memory or pcap)")
+        raise _needs_live(att)
 
     def close(self) -> None:
         for p in self.ports:

@@ -45,17 +45,6 @@ class Plan:
                 return i
         raise KeyError(name)
 
-    def attachment_index(self, ref: str) -> int:
-        for i, a in enumerate(self.attachments):
-            if a.ref == ref:
-                return i
-        raise KeyError(ref)
-
-    def queue_name(self, q: int) -> str:
-        if q < self.ndev:
-            return self.devices[q].name
-        return f"attach {self.attachments[q - self.ndev].ref}"
-
 
 def compile_plan(app: Appliance) -> Plan:
     devices = list(app.devices.values())

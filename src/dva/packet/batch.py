@@ -53,10 +53,6 @@ class PacketBatch:
             meta[: self.n] = self.meta[: self.n]
             self.meta = meta
 
-    def col(self, field: int) -> np.ndarray:
-        """A view of one metadata column over the live rows."""
-        return self.meta[: self.n, field]
-
     def add_frame(self, frame: bytes, *, in_port: int = 0, tenant: int = 0,
                   origin: int = -1) -> int:
         """Copy ``frame`` into a fresh slot and append a row for it; returns the row."""

@@ -246,9 +246,7 @@ class Engine:
         The rows (and their slots) pass to the engine; ``batch`` is left empty. The
         returned per-attachment batches are reused by the next call.
         """
-        outputs = self.outputs
-        for o in outputs:
-            o.n = 0
+        outputs = self._fresh_outputs()
         n = batch.n
         if n == 0:
             return outputs
@@ -269,6 +267,12 @@ class Engine:
         batch.n = 0
         self._drain([dev], outputs, now)
         return outputs
+
+    def _fresh_outputs(self) -> list[PacketBatch]:
+        """The reused per-attachment output batches, emptied."""
+        for o in self.outputs:
+            o.n = 0
+        return self.outputs
 
     def warm(self) -> None:
         """Compile every kernel a batch can reach, with no packet: the engine's own
@@ -292,9 +296,7 @@ class Engine:
     def tick(self, now: float) -> list[PacketBatch]:
         """Let devices that act on time alone (``Device.ticks``) run; returns what
         they sent out of attachments, like :meth:`process`."""
-        outputs = self.outputs
-        for o in outputs:
-            o.n = 0
+        outputs = self._fresh_outputs()
         ticking = [d for d, dev in enumerate(self.plan.devices) if dev.ticks]
         if ticking:
             self._drain(ticking, outputs, now, ticking=True)
