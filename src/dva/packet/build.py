@@ -733,9 +733,10 @@ def _icmp_rest(rest: object, ident: int, seq: int, what: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class ICMP(Layer):
-    """ICMP (v4).  The 4 bytes after the checksum are ``id``+``seq`` (echo
-    layout) unless ``rest`` (4 bytes) is given, which wins for any type."""
+class _ICMPBase(Layer):
+    """What ICMP and ICMPv6 share: the fields, their checks and the message layout.
+    The 4 bytes after the checksum are ``id``+``seq`` (echo layout) unless ``rest``
+    (4 bytes) is given, which wins for any type. Subclasses give the checksum."""
 
     type: int = 8
     code: int = 0
@@ -745,56 +746,47 @@ class ICMP(Layer):
     rest: bytes | None = None
 
     def __post_init__(self) -> None:
-        _uint(self.type, 8, "ICMP.type")
-        _uint(self.code, 8, "ICMP.code")
-        _uint(self.id, 16, "ICMP.id")
-        _uint(self.seq, 16, "ICMP.seq")
-        _set(self, "chksum", _opt_uint(self.chksum, 16, "ICMP.chksum"))
+        name = type(self).__name__
+        _uint(self.type, 8, f"{name}.type")
+        _uint(self.code, 8, f"{name}.code")
+        _uint(self.id, 16, f"{name}.id")
+        _uint(self.seq, 16, f"{name}.seq")
+        _set(self, "chksum", _opt_uint(self.chksum, 16, f"{name}.chksum"))
         if self.rest is not None:
-            _set(self, "rest", _icmp_rest(self.rest, 0, 0, "ICMP"))
+            _set(self, "rest", _icmp_rest(self.rest, 0, 0, name))
+
+    def _checksum(self, layers: tuple[Layer, ...], index: int, msg: bytes) -> int:
+        raise NotImplementedError
 
     def _build(self, layers: tuple[Layer, ...], index: int, payload: bytes) -> bytes:
         msg = (
             struct.pack("!BBH", self.type, self.code, 0)
-            + _icmp_rest(self.rest, self.id, self.seq, "ICMP")
+            + _icmp_rest(self.rest, self.id, self.seq, type(self).__name__)
             + payload
         )
-        chk = self.chksum if self.chksum is not None else checksum16(msg)
+        chk = self.chksum if self.chksum is not None else self._checksum(layers, index, msg)
         return msg[:2] + struct.pack("!H", chk) + msg[4:]
 
 
 @dataclass(frozen=True)
-class ICMPv6(Layer):
-    """ICMPv6; like :class:`ICMP` but the checksum covers the IPv6
-    pseudo-header (RFC 4443)."""
+class ICMP(_ICMPBase):
+    """ICMP (v4): the checksum covers the message only."""
+
+    type: int = 8
+
+    def _checksum(self, layers: tuple[Layer, ...], index: int, msg: bytes) -> int:
+        return checksum16(msg)
+
+
+@dataclass(frozen=True)
+class ICMPv6(_ICMPBase):
+    """ICMPv6: the checksum covers the IPv6 pseudo-header too (RFC 4443)."""
 
     type: int = 128
-    code: int = 0
-    id: int = 0
-    seq: int = 0
-    chksum: int | None = None
-    rest: bytes | None = None
 
-    def __post_init__(self) -> None:
-        _uint(self.type, 8, "ICMPv6.type")
-        _uint(self.code, 8, "ICMPv6.code")
-        _uint(self.id, 16, "ICMPv6.id")
-        _uint(self.seq, 16, "ICMPv6.seq")
-        _set(self, "chksum", _opt_uint(self.chksum, 16, "ICMPv6.chksum"))
-        if self.rest is not None:
-            _set(self, "rest", _icmp_rest(self.rest, 0, 0, "ICMPv6"))
-
-    def _build(self, layers: tuple[Layer, ...], index: int, payload: bytes) -> bytes:
-        msg = (
-            struct.pack("!BBH", self.type, self.code, 0)
-            + _icmp_rest(self.rest, self.id, self.seq, "ICMPv6")
-            + payload
-        )
-        chk = self.chksum
-        if chk is None:
-            pseudo = _pseudo_header(layers, index, 58, len(msg))
-            chk = 0 if pseudo is None else checksum16(pseudo + msg)
-        return msg[:2] + struct.pack("!H", chk) + msg[4:]
+    def _checksum(self, layers: tuple[Layer, ...], index: int, msg: bytes) -> int:
+        pseudo = _pseudo_header(layers, index, 58, len(msg))
+        return 0 if pseudo is None else checksum16(pseudo + msg)
 
 
 @dataclass(frozen=True)
