@@ -89,3 +89,59 @@ if JIT_ENABLED:
         return np.int64(x)
 else:
     i64 = int
+
+
+# -- big-endian loads and stores ---------------------------------------------------------
+#
+# Header fields are read and written as single unaligned loads/stores with a byte swap
+# when compiled: numba's byte-by-byte reads and shifts cost about a nanosecond per
+# byte, and a frame's fields are at arbitrary (unaligned) offsets. Each intrinsic
+# takes a ``uint8`` array and an offset; no bounds check, like any kernel indexing.
+
+if JIT_ENABLED:
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cg
+    from numba.core import types as _t
+    from numba.extending import intrinsic as _intrinsic
+
+    def _pointer(context, builder, sig, args, bits):
+        aty, oty = sig.args[0], sig.args[1]
+        ary = context.make_array(aty)(context, builder, args[0])
+        off = context.cast(builder, args[1], oty, _t.intp)
+        ptr = _cg.get_item_pointer(context, builder, aty, ary, [off], wraparound=False)
+        return builder.bitcast(ptr, _ir.IntType(bits).as_pointer())
+
+    def _loader(bits):
+        def load(typingctx, arr, off):
+            if not isinstance(arr, _t.Array) or arr.dtype != _t.uint8 or arr.ndim != 1:
+                return None
+            sig = _t.int64(arr, off)
+
+            def codegen(context, builder, sig, args):
+                v = builder.load(_pointer(context, builder, sig, args, bits), align=1)
+                if bits > 8:
+                    v = builder.bswap(v)
+                return builder.zext(v, _ir.IntType(64))
+            return sig, codegen
+        load.__name__ = f"load_be{bits}"
+        return _intrinsic(load)
+
+    def _storer(bits):
+        def store(typingctx, arr, off, value):
+            if not isinstance(arr, _t.Array) or arr.dtype != _t.uint8 or arr.ndim != 1:
+                return None
+            sig = _t.void(arr, off, value)
+
+            def codegen(context, builder, sig, args):
+                v = context.cast(builder, args[2], sig.args[2], _t.int64)
+                v = builder.trunc(v, _ir.IntType(bits))
+                if bits > 8:
+                    v = builder.bswap(v)
+                builder.store(v, _pointer(context, builder, sig, args, bits), align=1)
+                return context.get_dummy_value()
+            return sig, codegen
+        store.__name__ = f"store_be{bits}"
+        return _intrinsic(store)
+
+    load_be16, load_be32, load_be64 = _loader(16), _loader(32), _loader(64)
+    store_be16, store_be32, store_be64 = _storer(16), _storer(32), _storer(64)

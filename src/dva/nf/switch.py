@@ -34,12 +34,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import i64, kernel
+from dva._jit import kernel
 from dva.nf.base import MAX_PORTS, MULTI, Device, DeviceConfig, DeviceState, Name, drop_code
 from dva.nf.table import I_EXPIRED, HashTable, tbl_insert, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.batch import row_copy
-from dva.packet.checksum import rd16, wr16
+from dva.packet.checksum import rd16, rd48, wr16
 from dva.packet.pool import pool_copy
 
 DROPS = (
@@ -158,12 +158,6 @@ class SwitchState(DeviceState):
 
 
 @kernel
-def _mac_at(pkt, off):
-    return (i64(pkt[off]) << 40) | (i64(pkt[off + 1]) << 32) | (rd16(pkt, off + 2) << 16) \
-        | rd16(pkt, off + 4)
-
-
-@kernel
 def _set_encoding(data, row, tagged, vid):
     """Make the frame untagged or tagged with ``vid`` (PCP kept); False: no headroom."""
     slot = row[L.SLOT]
@@ -224,8 +218,8 @@ def switch_kernel(data, free, top, meta, n, mode, pvlan, native, allowed, keys, 
         slot = row[L.SLOT]
         s = row[L.START]
         pkt = data[slot, s:s + row[L.LEN]]
-        src = _mac_at(pkt, 6)
-        dst = _mac_at(pkt, 0)
+        src = rd48(pkt, 6)
+        dst = rd48(pkt, 0)
         if (src >> 40) & 1 or src == 0:
             row[L.VERDICT] = drop_code(D_BAD_SRC)
             continue

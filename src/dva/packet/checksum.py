@@ -5,50 +5,81 @@
 
 from __future__ import annotations
 
-from dva._jit import i64, kernel
+from dva._jit import JIT_ENABLED, i64, kernel
+
+if JIT_ENABLED:
+    from dva._jit import load_be16, load_be32, store_be16, store_be32
 from dva.packet import layout as L
 
+if JIT_ENABLED:
+    @kernel
+    def rd16(pkt, off):
+        return load_be16(pkt, off)
+
+    @kernel
+    def rd32(pkt, off):
+        return load_be32(pkt, off)
+
+    @kernel
+    def wr16(pkt, off, value):
+        store_be16(pkt, off, value)
+
+    @kernel
+    def wr32(pkt, off, value):
+        store_be32(pkt, off, value)
+else:  # the reference: the same, a byte at a time
+    def rd16(pkt, off):
+        return (i64(pkt[off]) << 8) | i64(pkt[off + 1])
+
+    def rd32(pkt, off):
+        return (rd16(pkt, off) << 16) | rd16(pkt, off + 2)
+
+    def wr16(pkt, off, value):
+        pkt[off] = (value >> 8) & 0xFF
+        pkt[off + 1] = value & 0xFF
+
+    def wr32(pkt, off, value):
+        wr16(pkt, off, (value >> 16) & 0xFFFF)
+        wr16(pkt, off + 2, value & 0xFFFF)
+
 
 @kernel
-def rd16(pkt, off):
-    return (i64(pkt[off]) << 8) | i64(pkt[off + 1])
+def rd48(pkt, off):
+    """A 48-bit big-endian field (a MAC address)."""
+    return (rd16(pkt, off) << 32) | rd32(pkt, off + 2)
 
 
 @kernel
-def rd32(pkt, off):
-    return (rd16(pkt, off) << 16) | rd16(pkt, off + 2)
-
-
-@kernel
-def wr16(pkt, off, value):
-    pkt[off] = (value >> 8) & 0xFF
-    pkt[off + 1] = value & 0xFF
-
-
-@kernel
-def wr32(pkt, off, value):
-    wr16(pkt, off, (value >> 16) & 0xFFFF)
-    wr16(pkt, off + 2, value & 0xFFFF)
+def wr48(pkt, off, value):
+    wr16(pkt, off, (value >> 32) & 0xFFFF)
+    wr32(pkt, off + 2, value & 0xFFFFFFFF)
 
 
 @kernel
 def csum_add(pkt, off, length, acc):
-    """Add ``length`` bytes at ``off`` as big-endian 16-bit words to ``acc`` (unfolded)."""
+    """Add ``length`` bytes at ``off`` as big-endian 16-bit words to ``acc`` (unfolded).
+
+    Summed as 32-bit words: a 32-bit word is two 16-bit words, and 2**16 = 1 modulo
+    0xFFFF, so the folded one's complement sum is the same (RFC 1071, section 2).
+    """
     # Measured shapes: a unit-step loop summing into a local that starts at 0, with
-    # the odd tail byte in another function, runs ~5x faster than range(a, b, 2) or
-    # a tail test in the same function (LLVM then gives up on the loop).
+    # the tail in another function, runs ~5x faster than range(a, b, 4) or a tail
+    # test in the same function (LLVM then gives up on the loop).
     s = 0
-    for k in range(length >> 1):
-        i = off + 2 * k
-        s += (i64(pkt[i]) << 8) | i64(pkt[i + 1])
-    return acc + s + _csum_tail(pkt, off, length)
+    for k in range(length >> 2):
+        s += rd32(pkt, off + 4 * k)
+    return acc + s + _csum_tail(pkt, off + (length & ~3), length & 3)
 
 
 @kernel
-def _csum_tail(pkt, off, length):
-    if length & 1:
-        return i64(pkt[off + length - 1]) << 8
-    return 0
+def _csum_tail(pkt, off, rest):
+    """The last ``rest`` (0-3) bytes, as 16-bit words (an odd byte padded with 0)."""
+    s = 0
+    if rest >= 2:
+        s = rd16(pkt, off)
+    if rest & 1:
+        s += i64(pkt[off + rest - 1]) << 8
+    return s
 
 
 @kernel
