@@ -130,7 +130,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from dva._jit import i64, kernel
 from dva.nf.base import HOLD, MAX_PORTS, Device, DeviceConfig, DeviceState, Name, drop_code
 from dva.nf.lpm import Lpm, lpm_lookup
-from dva.nf.table import I_EXPIRED, HashTable, tbl_delete, tbl_insert, tbl_lookup, tbl_sweep
+from dva.nf.table import (
+    I_EXPIRED,
+    I_TOMBS,
+    HashTable,
+    tbl_delete,
+    tbl_insert,
+    tbl_lookup,
+    tbl_sweep,
+)
 from dva.packet import layout as L
 from dva.packet.batch import row_copy
 from dva.packet.checksum import (
@@ -140,8 +148,10 @@ from dva.packet.checksum import (
     ipv4_header_checksum,
     rd16,
     rd32,
+    rd48,
     wr16,
     wr32,
+    wr48,
 )
 from dva.packet.pool import pool_alloc
 
@@ -198,7 +208,7 @@ NH_NONE, NH_FWD, NH_LOCAL, NH_BCAST = 0, 1, 2, 3
 # params[] (float64)
 P_ARP_TIMEOUT, P_ARP_HOLD, P_ICMP_RATE = 0, 1, 2
 # misc[] (int64)
-M_HQN, M_EPOCH, M_REL_EPOCH, M_IP_ID = 0, 1, 2, 3
+M_HQN, M_EPOCH, M_REL_EPOCH, M_IP_ID, M_REBUILD = 0, 1, 2, 3, 4
 
 BCAST_MAC = 0xFFFFFFFFFFFF
 M32 = 0xFFFFFFFF
@@ -483,9 +493,10 @@ class RouterState(DeviceState):
         self.hq_meta = np.zeros((q, L.NFIELDS), np.int64)
         self.hq_key = np.zeros(q, np.int64)
         self.hq_time = np.zeros(q, np.float64)
-        self.misc = np.zeros(4, np.int64)
+        self.misc = np.zeros(5, np.int64)
         self.tokens = np.array([config.icmp_rate, 0.0], np.float64)  # tokens, last refill
         self.key = np.zeros(1, np.int64)  # kernel scratch
+        self._scratch = np.zeros(256, np.int64)
         a, p = self.arp, self.pending
         self.arrays = (a.keys, a.vals, a.state, a.bucket, a.expires, a.info,
                        p.keys, p.vals, p.state, p.bucket, p.expires, p.info,
@@ -495,26 +506,20 @@ class RouterState(DeviceState):
         """Packet slots the router keeps right now (held for ARP)."""
         return int(self.misc[M_HQN])
 
+    def scratch(self, n: int) -> np.ndarray:
+        """A work array of at least ``n`` int64 (kernels do not allocate)."""
+        if self._scratch.shape[0] < n:
+            self._scratch = np.zeros(max(n, 2 * self._scratch.shape[0]), np.int64)
+        return self._scratch
+
 
 # -- kernels ---------------------------------------------------------------------------
 
 @kernel
-def _mac_at(pkt, off):
-    return (i64(pkt[off]) << 40) | (i64(pkt[off + 1]) << 32) | (rd16(pkt, off + 2) << 16) \
-        | rd16(pkt, off + 4)
-
-
-@kernel
-def _put_mac(buf, off, mac):
-    for k in range(6):
-        buf[off + k] = (mac >> (40 - 8 * k)) & 0xFF
-
-
-@kernel
 def _set_macs(data, slot, start, dst, src):
     buf = data[slot]
-    _put_mac(buf, start, dst)
-    _put_mac(buf, start + 6, src)
+    wr48(buf, start, dst)
+    wr48(buf, start + 6, src)
 
 
 @kernel
@@ -567,17 +572,17 @@ def _arp_request(data, free, top, meta, total, headroom, p, target, port_ip, por
         return total
     buf = data[c]
     h = headroom
-    _put_mac(buf, h, BCAST_MAC)
-    _put_mac(buf, h + 6, port_mac[p])
+    wr48(buf, h, BCAST_MAC)
+    wr48(buf, h + 6, port_mac[p])
     wr16(buf, h + 12, L.ETH_ARP)
     wr16(buf, h + 14, 1)
     wr16(buf, h + 16, L.ETH_IPV4)
     buf[h + 18] = 6
     buf[h + 19] = 4
     wr16(buf, h + 20, 1)
-    _put_mac(buf, h + 22, port_mac[p])
+    wr48(buf, h + 22, port_mac[p])
     wr32(buf, h + 28, port_ip[p])
-    _put_mac(buf, h + 32, 0)
+    wr48(buf, h + 32, 0)
     wr32(buf, h + 38, target)
     for k in range(42, 60):
         buf[h + k] = 0
@@ -761,8 +766,8 @@ def _icmp_error(data, free, top, meta, i, n, total, headroom, itype, icode, port
         q = room
     buf = data[c]
     h = headroom
-    _put_mac(buf, h, 0)  # set when the source's MAC is known
-    _put_mac(buf, h + 6, port_mac[p])
+    wr48(buf, h, 0)  # set when the source's MAC is known
+    wr48(buf, h + 6, port_mac[p])
     wr16(buf, h + 12, L.ETH_IPV4)
     ip = h + 14
     buf[ip] = 0x45
@@ -837,7 +842,7 @@ def _arp_in(data, meta, i, total, port_ip, port_mask, port_bcast, port_mac, arp_
     pkt = data[slot, s:s + row[L.LEN]]
     a = row[L.L3_OFF]
     op = rd16(pkt, a + 6)
-    sha = _mac_at(pkt, a + 8)
+    sha = rd48(pkt, a + 8)
     spa = rd32(pkt, a + 14)
     tpa = rd32(pkt, a + 24)
     if (sha >> 40) & 1 or sha == 0:
@@ -864,12 +869,12 @@ def _arp_in(data, meta, i, total, port_ip, port_mask, port_bcast, port_mac, arp_
     # A request for this port's address: the frame becomes the reply.
     buf = data[slot]
     mine = port_mac[inp]
-    _put_mac(buf, s, sha)
-    _put_mac(buf, s + 6, mine)
+    wr48(buf, s, sha)
+    wr48(buf, s + 6, mine)
     wr16(buf, s + a + 6, 2)
-    _put_mac(buf, s + a + 8, mine)
+    wr48(buf, s + a + 8, mine)
     wr32(buf, s + a + 14, me)
-    _put_mac(buf, s + a + 18, sha)
+    wr48(buf, s + a + 18, sha)
     wr32(buf, s + a + 24, spa)
     for k in range(a + 28, 60):
         buf[s + k] = 0
@@ -948,9 +953,9 @@ def _local_in(data, free, top, meta, i, n, total, headroom, port_ip, port_mac, t
         if csum_fold(csum_add(pkt, l4, ilen, 0)) != 0:
             row[L.VERDICT] = drop_code(D_BAD_CSUM)
             return total
-        src_mac = _mac_at(pkt, 6)
-        _put_mac(pkt, 0, src_mac)
-        _put_mac(pkt, 6, port_mac[row[L.IN_PORT]])
+        src_mac = rd48(pkt, 6)
+        wr48(pkt, 0, src_mac)
+        wr48(pkt, 6, port_mac[row[L.IN_PORT]])
         a = rd32(pkt, l3 + 12)
         wr32(pkt, l3 + 12, rd32(pkt, l3 + 16))
         wr32(pkt, l3 + 16, a)
@@ -979,14 +984,24 @@ def _local_in(data, free, top, meta, i, n, total, headroom, port_ip, port_mac, t
 @kernel
 def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_bcast,
                   port_mac, tbl24, tbl8, nh_port, nh_gw, nh_kind, params, st, events, key,
-                  now):
-    """Decide rows [0, n); append generated rows. Returns the new row count."""
+                  nhs, now):
+    """Decide rows [0, n); append generated rows. Returns the new row count.
+
+    ``nhs``: scratch, at least ``n`` entries (each row's next-hop number)."""
     (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
      hq_meta, hq_key, hq_time, misc, tokens) = st
     arp_timeout = params[P_ARP_TIMEOUT]
     rate = params[P_ICMP_RATE]
     misc[M_EPOCH] += 1
     expired_before = ainfo[I_EXPIRED]
+    # Route lookups first, in a loop of their own: with 100k routes tbl24 reads miss
+    # the cache, and a short loop keeps many of those misses in flight at once.
+    for i in range(n):
+        row = meta[i]
+        nhs[i] = 0
+        if row[L.ETYPE] == L.ETH_IPV4 and row[L.PERR] == L.E_OK:
+            nhs[i] = lpm_lookup(tbl24, tbl8, rd32(data[row[L.SLOT]],
+                                                  row[L.START] + row[L.L3_OFF] + 16))
     total = n
     for i in range(n):
         row = meta[i]
@@ -997,7 +1012,7 @@ def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_b
         inp = row[L.IN_PORT]
         s = row[L.START]
         pkt = data[row[L.SLOT], s:s + row[L.LEN]]
-        dmac = _mac_at(pkt, 0)
+        dmac = rd48(pkt, 0)
         if dmac != port_mac[inp] and dmac != BCAST_MAC:
             row[L.VERDICT] = drop_code(D_NOT_FOR_ME)
             row[L.NOTE] = N_NOT_FOR_ME
@@ -1029,7 +1044,7 @@ def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_b
         if _martian(dst) or (dst >> 28) == 15:
             row[L.VERDICT] = drop_code(D_MARTIAN_DST)
             continue
-        nh = lpm_lookup(tbl24, tbl8, dst)
+        nh = nhs[i]
         kind = nh_kind[nh]
         if kind == NH_LOCAL:
             total = _local_in(data, free, top, meta, i, n, total, headroom, port_ip, port_mac,
@@ -1065,17 +1080,31 @@ def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_b
         wr16(pkt, l3 + 8, new)
         wr16(pkt, l3 + 10, csum_update16(rd16(pkt, l3 + 10), old, new))
         gw = nh_gw[nh]
-        if gw != 0:
-            total = _send(data, free, top, meta, i, n, total, headroom, nh_port[nh], gw,
-                          N_VIA, port_ip, port_mac, st, events, key, now)
-        else:
-            total = _send(data, free, top, meta, i, n, total, headroom, nh_port[nh], dst,
-                          N_DIRECT, port_ip, port_mac, st, events, key, now)
+        p = nh_port[nh]
+        target = gw if gw != 0 else dst
+        note = N_VIA if gw != 0 else N_DIRECT
+        # The common case inline: next hop known, nothing held or released this batch.
+        # (A call to _send passes every state array by value on the stack: ~0.5 KB.)
+        if misc[M_HQN] == 0 and misc[M_REL_EPOCH] != misc[M_EPOCH]:
+            key[0] = (p << 32) | target
+            e = tbl_lookup(akeys, astate, aexp, ainfo, key, now)
+            if e >= 0:
+                wr48(pkt, 0, avals[e, 0])
+                wr48(pkt, 6, port_mac[p])
+                row[L.VERDICT] = p
+                row[L.NOTE] = note
+                continue
+        total = _send(data, free, top, meta, i, n, total, headroom, p, target, note, port_ip,
+                      port_mac, st, events, key, now)
     if misc[M_HQN] > 0:
         total = _scan(data, free, top, meta, total, headroom, port_ip, port_mac,
                       params[P_ARP_HOLD], st, events, key, now)
     tbl_sweep(astate, aexp, ainfo, now, SWEEP_SLOTS)
     events[C_ARP_EXPIRED] += ainfo[I_EXPIRED] - expired_before
+    # Tombstones in a quarter of the slots: tell process() to rebuild (HashTable's
+    # needs_rebuild, checked here because two Python calls per batch cost ~1 us).
+    misc[M_REBUILD] = (ainfo[I_TOMBS] * 4 > astate.shape[0]) \
+        or (pinfo[I_TOMBS] * 4 > pstate.shape[0])
     return total
 
 
@@ -1161,8 +1190,9 @@ class Router(Device):
                                 pool.headroom, self.port_ip, self.port_mask, self.port_bcast,
                                 self.port_mac, self.lpm.tbl24, self.lpm.tbl8, self.nh_port,
                                 self.nh_gw, self.nh_kind, self.params, state.arrays,
-                                state.events, state.key, float(now))
-        if state.arp.needs_rebuild():
-            state.events[C_ARP_EXPIRED] += state.arp.rebuild(now)
-        if state.pending.needs_rebuild():
-            state.pending.rebuild(now)
+                                state.events, state.key, state.scratch(batch.n), float(now))
+        if state.misc[M_REBUILD]:
+            if state.arp.needs_rebuild():
+                state.events[C_ARP_EXPIRED] += state.arp.rebuild(now)
+            if state.pending.needs_rebuild():
+                state.pending.rebuild(now)
