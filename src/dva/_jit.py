@@ -53,6 +53,20 @@ if _OWN_CACHE:  # numba may have been imported (and read its config) before dva
 JIT_ENABLED = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
 
 
+def inline_kernel(fn):
+    """A :func:`kernel` inlined into its callers by numba (small per-packet helpers).
+
+    Calls between cached kernels are real calls that pass every array argument as a
+    7-word struct; for helpers run on every packet that costs more than their work.
+    """
+    if not JIT_ENABLED:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True, _nrt=False, inline="always")(fn)
+    except (TypeError, KeyError):  # pragma: no cover
+        return numba.njit(cache=True, nogil=True, inline="always")(fn)
+
+
 def kernel(fn):
     """Compile ``fn`` as a cached, GIL-free numba kernel (or leave it as Python).
 

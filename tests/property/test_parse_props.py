@@ -143,7 +143,9 @@ def check_row(row, frame):
             doff = (frame[l4 + 12] >> 4) * 4
             assert 20 <= doff and l4 + doff <= n
         if proto == L.PROTO_UDP:
-            assert 8 <= int.from_bytes(frame[l4 + 4:l4 + 6], "big") <= n - l4
+            ulen = int.from_bytes(frame[l4 + 4:l4 + 6], "big")
+            # a first fragment's UDP length covers the whole datagram
+            assert 8 <= ulen and (ulen <= n - l4 or flags & L.F_FRAG)
 
 
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dva._jit import JIT_ENABLED, i64, kernel
+from dva._jit import JIT_ENABLED, i64, inline_kernel, kernel
 
 if JIT_ENABLED:
     from dva._jit import load_be16, load_be32, store_be16, store_be32
@@ -99,7 +99,7 @@ def ipv4_header_checksum(pkt, l3):
     return csum_fold(acc)
 
 
-@kernel
+@inline_kernel
 def ipv4_header_ok(pkt, l3):
     ihl = (i64(pkt[l3]) & 0xF) * 4
     return csum_fold(csum_add(pkt, l3, ihl, 0)) == 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dva._jit import i64, kernel
+from dva._jit import i64, inline_kernel, kernel
 from dva.packet import layout as L
 from dva.packet.checksum import ipv4_header_ok, rd16, rd32
 
@@ -37,7 +37,7 @@ def hash_mix(h, k):
     return (h * 5 + 0xE6546B64) & M32
 
 
-@kernel
+@inline_kernel
 def hash_final(h):
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & M32
@@ -50,7 +50,7 @@ K1 = 0x5851F42D4C957F2D  # odd 64-bit multipliers below 2**63 (numba types them 
 K2 = 0x14057B7EF767814F
 
 
-@kernel
+@inline_kernel
 def mulhi32(x, k):
     """Bits 32..63 of x * k: a multiply-shift hash of x. Those bits depend only on the
     product modulo 2**64, so wrapping int64 (compiled) and exact ints (reference)
@@ -58,7 +58,7 @@ def mulhi32(x, k):
     return ((x * k) >> 32) & M32
 
 
-@kernel
+@inline_kernel
 def _endpoint(a0, a1, a2, a3, port):
     """Hash of one (address, port) endpoint; address as four 32-bit words.
 
@@ -72,7 +72,7 @@ def _endpoint(a0, a1, a2, a3, port):
     return hash_final(x)
 
 
-@kernel
+@inline_kernel
 def hash_words(tenant, proto, alen, a0, a1, a2, a3, b0, b1, b2, b3, sport, dport):
     """Symmetric hash of tenant + proto + {(address a, sport), (address b, dport)}.
 
@@ -85,7 +85,7 @@ def hash_words(tenant, proto, alen, a0, a1, a2, a3, b0, b1, b2, b3, sport, dport
     return hash_final(e ^ t)
 
 
-@kernel
+@inline_kernel
 def flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport):
     """Symmetric hash of tenant + proto + {(src, sport), (dst, dport)}.
 
@@ -158,7 +158,7 @@ def _quoted_hash(pkt, n, tenant, q, is_v6):
     return flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport)
 
 
-@kernel
+@inline_kernel
 def _parse_l4(pkt, row, proto, l4, l4len, is_v6):
     """Check the transport header at ``l4`` (``l4len`` bytes of IP payload)."""
     row[L.L4_OFF] = l4
@@ -195,7 +195,7 @@ def _parse_l4(pkt, row, proto, l4, l4len, is_v6):
     row[L.PFLAGS] |= L.F_L4_OK
 
 
-@kernel
+@inline_kernel
 def _ip_hash(pkt, end, row, tenant, src, dst, alen, is_v6):
     """Flow hash of a parsed IPv4/IPv6 packet ending at ``end`` (offsets and flags set).
 
@@ -224,7 +224,7 @@ def _ip_hash(pkt, end, row, tenant, src, dst, alen, is_v6):
     return flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport)
 
 
-@kernel
+@inline_kernel
 def _parse_ipv4(pkt, n, row, off, tenant):
     avail = n - off
     if avail < 20:
