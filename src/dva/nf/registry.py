@@ -7,12 +7,14 @@ effect). Users add their own network functions with :func:`register`.
 from __future__ import annotations
 
 from dva.nf.base import Device
+from dva.nf.firewall import Firewall
 from dva.nf.router import Router
 from dva.nf.switch import Switch
 
 _BUILTIN: dict[str, type[Device]] = {
     Switch.type_name: Switch,
     Router.type_name: Router,
+    Firewall.type_name: Firewall,
 }
 _types: dict[str, type[Device]] = dict(_BUILTIN)
 
