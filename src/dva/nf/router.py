@@ -104,6 +104,11 @@ packets: how many, when it was last ARPed), the ICMP token bucket, the IP id cou
 
 Counters: ``EVENTS``. Notes for ``dva trace``: ``NOTES`` (fixed strings: the next-hop
 address itself is in the frame shown).
+
+Code: this module holds the config, the state, the per-batch kernel and the device;
+the next-hop machinery (ARP, the hold queue, releases) is in :mod:`dva.nf.router_arp`,
+ICMP error generation in :mod:`dva.nf.router_icmp`, and the names they share
+(``DROPS``, ``EVENTS``, ``NOTES``, indexes) in :mod:`dva.nf.router_defs`.
 """
 
 from __future__ import annotations
@@ -128,19 +133,50 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dva._jit import i64, kernel
-from dva.nf.base import HOLD, MAX_PORTS, Device, DeviceConfig, DeviceState, Name, drop_code
+from dva.nf.base import MAX_PORTS, Device, DeviceConfig, DeviceState, Name, drop_code
 from dva.nf.lpm import Lpm, lpm_lookup
-from dva.nf.table import (
-    I_EXPIRED,
-    I_TOMBS,
-    HashTable,
-    tbl_delete,
-    tbl_insert,
-    tbl_lookup,
-    tbl_sweep,
+from dva.nf.router_arp import _arp_in, _scan, _send
+from dva.nf.router_defs import (
+    ARP_RETRY,
+    BCAST_MAC,
+    C_ARP_EXPIRED,
+    C_ECHO,
+    D_BAD_CSUM,
+    D_BROADCAST,
+    D_MALFORMED,
+    D_MARTIAN_DST,
+    D_MARTIAN_SRC,
+    D_NO_ROUTE,
+    D_NOT_FOR_ME,
+    D_NOT_SERVED,
+    D_TTL,
+    D_UNSUPPORTED,
+    DROPS,
+    EVENTS,
+    M32,
+    M_EPOCH,
+    M_HQN,
+    M_REBUILD,
+    M_REL_EPOCH,
+    N_DIRECT,
+    N_ECHO,
+    N_NO_ROUTE,
+    N_NOT_FOR_ME,
+    N_NOT_SERVED,
+    N_TTL,
+    N_VIA,
+    NH_BCAST,
+    NH_FWD,
+    NH_LOCAL,
+    NH_NONE,
+    NOTES,
+    P_ARP_HOLD,
+    P_ARP_TIMEOUT,
+    P_ICMP_RATE,
 )
+from dva.nf.router_icmp import ICMP_TOS, QUOTE_MAX, _icmp_error
+from dva.nf.table import I_EXPIRED, I_TOMBS, HashTable, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
-from dva.packet.batch import row_copy
 from dva.packet.checksum import (
     csum_add,
     csum_fold,
@@ -153,71 +189,27 @@ from dva.packet.checksum import (
     wr32,
     wr48,
 )
-from dva.packet.pool import pool_alloc
 
-DROPS = (
-    "not_for_me",  # unicast frame to another MAC
-    "unsupported",  # not IPv4 or ARP (IPv6, VLAN-tagged, ...), or an ARP op not 1 or 2
-    "malformed",  # any parse error, or an ARP sender MAC that is not unicast
-    "bad_checksum",  # IPv4 header checksum (or ICMP checksum of an echo request to us)
-    "broadcast",  # L2 broadcast IPv4, limited/directed broadcast or multicast destination
-    "martian_src",  # source 0/8, 127/8, 224/3 (or link-local, when forwarding)
-    "martian_dst",  # destination 0/8, 127/8, 240/4 (or link-local, when forwarding)
-    "not_served",  # to the router, not an echo request
-    "ttl_exceeded",  # TTL <= 1 (ICMP time exceeded sent)
-    "no_route",  # no matching route (ICMP net unreachable sent)
-    "arp_queue_full",  # next hop unresolved and the hold queue is full
-    "arp_timeout",  # held longer than arp_hold without an ARP reply
-    "arp_not_for_me",  # ARP for another address (an existing entry is refreshed)
-    "arp_consumed",  # an ARP reply to the router: learned, nothing to forward
-)
-(D_NOT_FOR_ME, D_UNSUPPORTED, D_MALFORMED, D_BAD_CSUM, D_BROADCAST, D_MARTIAN_SRC,
- D_MARTIAN_DST, D_NOT_SERVED, D_TTL, D_NO_ROUTE, D_QUEUE_FULL, D_ARP_TIMEOUT,
- D_ARP_OTHER, D_ARP_CONSUMED) = range(len(DROPS))
+# The public names; DROPS, EVENTS, NOTES, ARP_RETRY, QUOTE_MAX and ICMP_TOS are
+# defined in router_defs and router_icmp and re-exported from here.
+__all__ = [
+    "ARP_RETRY",
+    "DROPS",
+    "EVENTS",
+    "ICMP_TOS",
+    "NOTES",
+    "QUOTE_MAX",
+    "Route",
+    "Router",
+    "RouterConfig",
+    "RouterPort",
+    "RouterState",
+    "derive_mac",
+    "mac_str",
+    "parse_mac",
+    "router_kernel",
+]
 
-EVENTS = (
-    "arp_requests_sent",
-    "arp_replies_sent",
-    "arp_learned",  # new ARP entries
-    "arp_updated",  # a known address with a new MAC
-    "arp_expired",  # entries removed because they expired
-    "arp_table_full",  # an address not learned because the cache is full
-    "echo_replies",
-    "icmp_sent",  # ICMP errors generated
-    "icmp_rate_limited",  # ICMP errors not sent: over icmp_rate
-    "icmp_no_route",  # ICMP errors not sent: no route back to the source
-    "held_released",  # held packets sent after their next hop was resolved
-    "pool_exhausted",  # a packet not generated: no free slot
-    "emit_deferred",  # no row left in the batch: generation postponed or skipped
-)
-(C_ARP_REQ, C_ARP_REPLY, C_ARP_LEARNED, C_ARP_UPDATED, C_ARP_EXPIRED, C_ARP_FULL,
- C_ECHO, C_ICMP, C_ICMP_RATE, C_ICMP_NO_ROUTE, C_RELEASED, C_POOL,
- C_DEFERRED) = range(len(EVENTS))
-
-NOTES = ("", "forward via gateway", "forward to a connected host", "to me: echo reply",
-         "to me: not served", "ARP request for me: reply", "ARP reply for me: learned",
-         "ARP not for me", "next hop unresolved: held", "next hop resolved: released",
-         "held too long: dropped", "ARP request", "ICMP error", "TTL exceeded", "no route",
-         "not addressed to this port's MAC")
-(N_VIA, N_DIRECT, N_ECHO, N_NOT_SERVED, N_ARP_ME, N_ARP_REPLY, N_ARP_OTHER, N_HELD,
- N_RELEASED, N_TIMEOUT, N_ARP_REQUEST, N_ICMP, N_TTL, N_NO_ROUTE,
- N_NOT_FOR_ME) = range(1, len(NOTES))
-
-# next-hop kinds (the LPM gives a next-hop number; these arrays say what it means)
-NH_NONE, NH_FWD, NH_LOCAL, NH_BCAST = 0, 1, 2, 3
-# params[] (float64)
-P_ARP_TIMEOUT, P_ARP_HOLD, P_ICMP_RATE = 0, 1, 2
-# misc[] (int64)
-M_HQN, M_EPOCH, M_REL_EPOCH, M_IP_ID, M_REBUILD = 0, 1, 2, 3, 4
-
-BCAST_MAC = 0xFFFFFFFFFFFF
-M32 = 0xFFFFFFFF
-ARP_RETRY = 0.09  # seconds between ARP requests for one next hop (engine ticks: 0.1 s)
-ARP_RETRY_US = int(ARP_RETRY * 1e6)
-NEVER_US = -(1 << 60)
-FOREVER = 1e18  # pending entries are deleted explicitly, never expire
-QUOTE_MAX = 576 - 20 - 8  # RFC 1812 4.3.2.3: the error fits in 576 bytes
-ICMP_TOS = 0xC0  # precedence 6, internetwork control
 SWEEP_SLOTS = 64
 
 
@@ -516,421 +508,10 @@ class RouterState(DeviceState):
 # -- kernels ---------------------------------------------------------------------------
 
 @kernel
-def _set_macs(data, slot, start, dst, src):
-    buf = data[slot]
-    wr48(buf, start, dst)
-    wr48(buf, start + 6, src)
-
-
-@kernel
-def _new_row(meta, r, slot, start, length, verdict, hops, note):
-    for f in range(L.NFIELDS):
-        meta[r, f] = 0
-    meta[r, L.SLOT] = slot
-    meta[r, L.START] = start
-    meta[r, L.LEN] = length
-    meta[r, L.VERDICT] = verdict
-    meta[r, L.HOPS] = hops
-    meta[r, L.NOTE] = note
-    meta[r, L.VLAN] = -1
-
-
-@kernel
 def _martian(a):
     """0/8, 127/8: never a valid source or destination."""
     top = a >> 24
     return top == 0 or top == 127
-
-
-@kernel
-def _take_token(tokens, rate, now):
-    """Token bucket (burst = rate): True if an ICMP error may be sent now."""
-    if rate <= 0.0:
-        return False
-    el = now - tokens[1]
-    if el > 0.0:
-        t = tokens[0] + el * rate
-        tokens[0] = t if t < rate else rate
-    tokens[1] = now
-    if tokens[0] >= 1.0:
-        tokens[0] -= 1.0
-        return True
-    return False
-
-
-@kernel
-def _arp_request(data, free, top, meta, total, headroom, p, target, port_ip, port_mac,
-                 hops, events):
-    """Append a broadcast ARP request for ``target`` out port ``p``; returns the row count
-    (unchanged when no row or slot was free)."""
-    if total >= meta.shape[0]:
-        events[C_DEFERRED] += 1
-        return total
-    c = pool_alloc(free, top)
-    if c < 0:
-        events[C_POOL] += 1
-        return total
-    buf = data[c]
-    h = headroom
-    wr48(buf, h, BCAST_MAC)
-    wr48(buf, h + 6, port_mac[p])
-    wr16(buf, h + 12, L.ETH_ARP)
-    wr16(buf, h + 14, 1)
-    wr16(buf, h + 16, L.ETH_IPV4)
-    buf[h + 18] = 6
-    buf[h + 19] = 4
-    wr16(buf, h + 20, 1)
-    wr48(buf, h + 22, port_mac[p])
-    wr32(buf, h + 28, port_ip[p])
-    wr48(buf, h + 32, 0)
-    wr32(buf, h + 38, target)
-    for k in range(42, 60):
-        buf[h + k] = 0
-    _new_row(meta, total, c, h, 60, p, hops, N_ARP_REQUEST)
-    events[C_ARP_REQ] += 1
-    return total + 1
-
-
-@kernel
-def _pending_done(pkeys, pvals, pstate, pexp, pinfo, key, k, now):
-    """One packet held for next hop ``k`` left the queue."""
-    key[0] = k
-    e = tbl_lookup(pkeys, pstate, pexp, pinfo, key, now)
-    if e >= 0:
-        pvals[e, 0] -= 1
-        if pvals[e, 0] <= 0:
-            tbl_delete(pstate, pinfo, e)
-
-
-@kernel
-def _emit_held(data, meta, total, hq_meta, j, verdict, note, dst, src):
-    row_copy(meta, total, hq_meta, j)
-    meta[total, L.VERDICT] = verdict
-    meta[total, L.NOTE] = note
-    if verdict >= 0:
-        _set_macs(data, hq_meta[j, L.SLOT], hq_meta[j, L.START], dst, src)
-
-
-@kernel
-def _release(data, meta, total, k, mac, port_mac, st, events, key, now):
-    """Send every packet held for next hop ``k`` (now at ``mac``), in order."""
-    (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
-     hq_meta, hq_key, hq_time, misc, tokens) = st
-    p = k >> 32
-    hn = misc[M_HQN]
-    w = 0
-    for j in range(hn):
-        if hq_key[j] == k and total < meta.shape[0]:
-            _emit_held(data, meta, total, hq_meta, j, p, N_RELEASED, mac, port_mac[p])
-            total += 1
-            events[C_RELEASED] += 1
-            _pending_done(pkeys, pvals, pstate, pexp, pinfo, key, k, now)
-            continue
-        if w != j:
-            row_copy(hq_meta, w, hq_meta, j)
-            hq_key[w] = hq_key[j]
-            hq_time[w] = hq_time[j]
-        w += 1
-    misc[M_HQN] = w
-    return total
-
-
-@kernel
-def _hold(data, free, top, meta, i, total, headroom, p, target, port_ip, port_mac, st,
-          events, key, now):
-    """Keep row ``i`` until ``target`` on port ``p`` is resolved; ARP for it if it is
-    the first packet waiting for it."""
-    (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
-     hq_meta, hq_key, hq_time, misc, tokens) = st
-    row = meta[i]
-    j = misc[M_HQN]
-    k = (p << 32) | target
-    key[0] = k
-    pe = tbl_lookup(pkeys, pstate, pexp, pinfo, key, now)
-    if j >= hq_key.shape[0]:
-        row[L.VERDICT] = drop_code(D_QUEUE_FULL)
-        if pe < 0:
-            # Still ask (at most every ARP_RETRY: the entry, with no packet, expires
-            # then), so that a next hop can resolve while others fill the queue.
-            pe = tbl_insert(pkeys, pstate, pbucket, pexp, pinfo, key, -1, now + ARP_RETRY,
-                            now)
-            if pe >= 0:
-                pvals[pe, 0] = 0
-                pvals[pe, 1] = i64(now * 1e6)
-                total = _arp_request(data, free, top, meta, total, headroom, p, target,
-                                     port_ip, port_mac, row[L.HOPS], events)
-        return total
-    first = pe < 0
-    if first:
-        pe = tbl_insert(pkeys, pstate, pbucket, pexp, pinfo, key, -1, FOREVER, now)
-        if pe < 0:  # cannot happen: the table has room for a next hop per held packet
-            row[L.VERDICT] = drop_code(D_QUEUE_FULL)
-            return total
-        pvals[pe, 0] = 0
-        pvals[pe, 1] = NEVER_US
-    pexp[pe] = FOREVER  # kept while packets wait (deleted when the last one leaves)
-    pvals[pe, 0] += 1
-    row_copy(hq_meta, j, meta, i)
-    hq_key[j] = k
-    hq_time[j] = now
-    misc[M_HQN] = j + 1
-    row[L.VERDICT] = HOLD
-    row[L.NOTE] = N_HELD
-    if first:
-        t = _arp_request(data, free, top, meta, total, headroom, p, target, port_ip,
-                         port_mac, row[L.HOPS], events)
-        if t > total:
-            pvals[pe, 1] = i64(now * 1e6)
-        total = t
-    return total
-
-
-@kernel
-def _send(data, free, top, meta, i, n, total, headroom, p, target, note, port_ip, port_mac,
-          st, events, key, now):
-    """Row ``i`` goes out port ``p`` to next hop ``target``: set its MACs, or hold it."""
-    (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
-     hq_meta, hq_key, hq_time, misc, tokens) = st
-    row = meta[i]
-    row[L.NOTE] = note
-    k = (p << 32) | target
-    key[0] = k
-    e = tbl_lookup(akeys, astate, aexp, ainfo, key, now)
-    if e < 0:
-        return _hold(data, free, top, meta, i, total, headroom, p, target, port_ip, port_mac,
-                     st, events, key, now)
-    mac = avals[e, 0]
-    epoch = misc[M_EPOCH]
-    if i < n and (misc[M_HQN] > 0 or misc[M_REL_EPOCH] == epoch):
-        # Packets held for this next hop (or released in this batch, so appended at
-        # the end) must leave first: this one goes after them, as an appended row.
-        key[0] = k
-        if tbl_lookup(pkeys, pstate, pexp, pinfo, key, now) >= 0:
-            total = _release(data, meta, total, k, mac, port_mac, st, events, key, now)
-            avals[e, 1] = epoch
-            misc[M_REL_EPOCH] = epoch
-        if avals[e, 1] == epoch:
-            if total < meta.shape[0]:
-                _set_macs(data, row[L.SLOT], row[L.START], mac, port_mac[p])
-                row_copy(meta, total, meta, i)
-                meta[total, L.VERDICT] = p
-                row[L.VERDICT] = HOLD
-                return total + 1
-            events[C_DEFERRED] += 1
-    _set_macs(data, row[L.SLOT], row[L.START], mac, port_mac[p])
-    row[L.VERDICT] = p
-    return total
-
-
-@kernel
-def _icmp_error(data, free, top, meta, i, n, total, headroom, itype, icode, port_ip,
-                port_mac, tbl24, tbl8, nh_port, nh_gw, nh_kind, rate, st, events, key, now):
-    """Append an ICMP error about row ``i`` (unchanged since it arrived), routed back to
-    its source, unless the rules or the rate limit forbid it."""
-    (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
-     hq_meta, hq_key, hq_time, misc, tokens) = st
-    row = meta[i]
-    if row[L.PFLAGS] & L.F_LATER_FRAG:
-        return total
-    s = row[L.START]
-    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
-    l3 = row[L.L3_OFF]
-    if row[L.PROTO] == L.PROTO_ICMP:
-        l4 = row[L.L4_OFF]
-        if l4 < 0:
-            return total
-        t = i64(pkt[l4])
-        if t == 3 or t == 4 or t == 5 or t == 11 or t == 12:
-            return total  # never an error about an error
-    src = rd32(pkt, l3 + 12)
-    nh = lpm_lookup(tbl24, tbl8, src)
-    if nh_kind[nh] != NH_FWD:
-        events[C_ICMP_NO_ROUTE] += 1
-        return total
-    if not _take_token(tokens, rate, now):
-        events[C_ICMP_RATE] += 1
-        return total
-    if total >= meta.shape[0]:
-        events[C_DEFERRED] += 1
-        return total
-    c = pool_alloc(free, top)
-    if c < 0:
-        events[C_POOL] += 1
-        return total
-    p = nh_port[nh]
-    q = rd16(pkt, l3 + 2)
-    if q > QUOTE_MAX:
-        q = QUOTE_MAX
-    room = data.shape[1] - headroom - 42
-    if q > room:
-        q = room
-    buf = data[c]
-    h = headroom
-    wr48(buf, h, 0)  # set when the source's MAC is known
-    wr48(buf, h + 6, port_mac[p])
-    wr16(buf, h + 12, L.ETH_IPV4)
-    ip = h + 14
-    buf[ip] = 0x45
-    buf[ip + 1] = ICMP_TOS
-    wr16(buf, ip + 2, 28 + q)
-    wr16(buf, ip + 4, misc[M_IP_ID] & 0xFFFF)
-    misc[M_IP_ID] += 1
-    wr16(buf, ip + 6, 0)
-    buf[ip + 8] = 64
-    buf[ip + 9] = L.PROTO_ICMP
-    wr16(buf, ip + 10, 0)
-    wr32(buf, ip + 12, port_ip[p])
-    wr32(buf, ip + 16, src)
-    wr16(buf, ip + 10, ipv4_header_checksum(buf, ip))
-    ic = ip + 20
-    buf[ic] = itype
-    buf[ic + 1] = icode
-    wr16(buf, ic + 2, 0)
-    wr32(buf, ic + 4, 0)
-    for b in range(q):
-        buf[ic + 8 + b] = pkt[l3 + b]
-    wr16(buf, ic + 2, csum_fold(csum_add(buf, ic, 8 + q, 0)))
-    _new_row(meta, total, c, h, 42 + q, -1, row[L.HOPS], N_ICMP)
-    events[C_ICMP] += 1
-    r = total
-    gw = nh_gw[nh]
-    return _send(data, free, top, meta, r, n, total + 1, headroom, p,
-                 gw if gw != 0 else src, N_ICMP, port_ip, port_mac, st, events, key, now)
-
-
-@kernel
-def _learn(data, meta, total, p, ip, mac, create, port_mac, arp_timeout, st, events, key,
-           now):
-    """Learn (or, unless ``create``, only refresh) ``ip`` at ``mac`` on port ``p``, and
-    release what waits for it. Returns the row count."""
-    (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
-     hq_meta, hq_key, hq_time, misc, tokens) = st
-    k = (p << 32) | ip
-    key[0] = k
-    e = tbl_lookup(akeys, astate, aexp, ainfo, key, now)
-    if e >= 0:
-        if avals[e, 0] != mac:
-            avals[e, 0] = mac
-            events[C_ARP_UPDATED] += 1
-        aexp[e] = now + arp_timeout
-    elif create:
-        e = tbl_insert(akeys, astate, abucket, aexp, ainfo, key, -1, now + arp_timeout, now)
-        if e < 0:
-            events[C_ARP_FULL] += 1
-            return total
-        avals[e, 0] = mac
-        avals[e, 1] = 0
-        events[C_ARP_LEARNED] += 1
-    else:
-        return total
-    if misc[M_HQN] > 0:
-        key[0] = k
-        if tbl_lookup(pkeys, pstate, pexp, pinfo, key, now) >= 0:
-            total = _release(data, meta, total, k, mac, port_mac, st, events, key, now)
-            avals[e, 1] = misc[M_EPOCH]
-            misc[M_REL_EPOCH] = misc[M_EPOCH]
-    return total
-
-
-@kernel
-def _arp_in(data, meta, i, total, port_ip, port_mask, port_bcast, port_mac, arp_timeout,
-            st, events, key, now):
-    row = meta[i]
-    inp = row[L.IN_PORT]
-    s = row[L.START]
-    slot = row[L.SLOT]
-    pkt = data[slot, s:s + row[L.LEN]]
-    a = row[L.L3_OFF]
-    op = rd16(pkt, a + 6)
-    sha = rd48(pkt, a + 8)
-    spa = rd32(pkt, a + 14)
-    tpa = rd32(pkt, a + 24)
-    if (sha >> 40) & 1 or sha == 0:
-        row[L.VERDICT] = drop_code(D_MALFORMED)
-        return total
-    if op != 1 and op != 2:
-        row[L.VERDICT] = drop_code(D_UNSUPPORTED)
-        return total
-    me = port_ip[inp]
-    valid = spa != 0 and spa != me and spa != port_bcast[inp] \
-        and (spa & port_mask[inp]) == (me & port_mask[inp])
-    for_me = tpa == me
-    if valid:
-        total = _learn(data, meta, total, inp, spa, sha, for_me, port_mac, arp_timeout, st,
-                       events, key, now)
-    if not for_me:
-        row[L.VERDICT] = drop_code(D_ARP_OTHER)
-        row[L.NOTE] = N_ARP_OTHER
-        return total
-    if op == 2:
-        row[L.VERDICT] = drop_code(D_ARP_CONSUMED if valid else D_ARP_OTHER)
-        row[L.NOTE] = N_ARP_REPLY if valid else N_ARP_OTHER
-        return total
-    # A request for this port's address: the frame becomes the reply.
-    buf = data[slot]
-    mine = port_mac[inp]
-    wr48(buf, s, sha)
-    wr48(buf, s + 6, mine)
-    wr16(buf, s + a + 6, 2)
-    wr48(buf, s + a + 8, mine)
-    wr32(buf, s + a + 14, me)
-    wr48(buf, s + a + 18, sha)
-    wr32(buf, s + a + 24, spa)
-    for k in range(a + 28, 60):
-        buf[s + k] = 0
-    row[L.LEN] = 60 if a + 28 <= 60 else a + 28
-    row[L.VERDICT] = inp
-    row[L.NOTE] = N_ARP_ME
-    events[C_ARP_REPLY] += 1
-    return total
-
-
-@kernel
-def _scan(data, free, top, meta, total, headroom, port_ip, port_mac, hold, st, events, key,
-          now):
-    """Held packets: drop those held too long, release those whose next hop is now known
-    (e.g. from a replicated ARP entry), ARP again for the others when due."""
-    (akeys, avals, astate, abucket, aexp, ainfo, pkeys, pvals, pstate, pbucket, pexp, pinfo,
-     hq_meta, hq_key, hq_time, misc, tokens) = st
-    hn = misc[M_HQN]
-    now_us = i64(now * 1e6)
-    w = 0
-    for j in range(hn):
-        k = hq_key[j]
-        if total < meta.shape[0]:
-            if now >= hq_time[j] + hold:
-                _emit_held(data, meta, total, hq_meta, j, drop_code(D_ARP_TIMEOUT), N_TIMEOUT,
-                           0, 0)
-                total += 1
-                _pending_done(pkeys, pvals, pstate, pexp, pinfo, key, k, now)
-                continue
-            key[0] = k
-            e = tbl_lookup(akeys, astate, aexp, ainfo, key, now)
-            if e >= 0:
-                p = k >> 32
-                _emit_held(data, meta, total, hq_meta, j, p, N_RELEASED, avals[e, 0],
-                           port_mac[p])
-                total += 1
-                events[C_RELEASED] += 1
-                _pending_done(pkeys, pvals, pstate, pexp, pinfo, key, k, now)
-                continue
-        else:
-            events[C_DEFERRED] += 1
-        if w != j:
-            row_copy(hq_meta, w, hq_meta, j)
-            hq_key[w] = k
-            hq_time[w] = hq_time[j]
-        w += 1
-        key[0] = k
-        pe = tbl_lookup(pkeys, pstate, pexp, pinfo, key, now)
-        if pe >= 0 and now_us - pvals[pe, 1] >= ARP_RETRY_US:
-            t = _arp_request(data, free, top, meta, total, headroom, k >> 32, k & M32,
-                             port_ip, port_mac, hq_meta[w - 1, L.HOPS], events)
-            if t > total:
-                pvals[pe, 1] = now_us
-            total = t
-    misc[M_HQN] = w
-    return total
 
 
 @kernel
