@@ -18,17 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rig import Rig
 from scapy.layers.inet import ICMP as SICMP
 from scapy.layers.inet import IP as SIP
 from scapy.layers.l2 import Ether
 
 from dva.graph.appliance import ApplianceError, format_path, parse_appliance
-from dva.graph.plan import compile_plan
 from dva.nf.router import DROPS, EVENTS, QUOTE_MAX, Router, RouterConfig, derive_mac
 from dva.packet.batch import PacketBatch
 from dva.packet.build import ARP, ICMP, TCP, UDP, Dot1Q, Eth, IPv4, IPv6, Raw
-from dva.packet.pool import PacketPool
-from dva.worker.engine import Engine
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -52,43 +50,6 @@ attach:
   r1.lan: {{memory: lan}}
   r1.wan: {{memory: wan}}
 """
-
-
-class Rig:
-    """An engine over one appliance, fed frame lists; checks accounting every step."""
-
-    def __init__(self, text: str, slots: int = 512) -> None:
-        self.plan = compile_plan(parse_appliance(text))
-        self.pool = PacketPool(slots)
-        self.engine = Engine(self.plan, self.pool)
-        self.names = [a.port for a in self.plan.attachments]
-
-    @property
-    def state(self):
-        return self.engine.states[0]
-
-    def _collect(self, outputs) -> dict[str, list[bytes]]:
-        out = {n: o.frames() for n, o in zip(self.names, outputs)}
-        for o in outputs:
-            o.release_all()
-        self.check()
-        return out
-
-    def send(self, port: str, frames: list[bytes], now: float) -> dict[str, list[bytes]]:
-        b = PacketBatch(self.pool, max(len(frames), 1))
-        b.add_frames(frames)
-        return self._collect(self.engine.process(self.names.index(port), b, now))
-
-    def tick(self, now: float) -> dict[str, list[bytes]]:
-        return self._collect(self.engine.tick(now))
-
-    def check(self) -> None:
-        assert self.engine.accounting_errors() == []
-        held = sum(st.held_slots() for st in self.engine.states)
-        assert self.pool.available == self.pool.nslots - held, "packet slots leaked"
-
-    def counters(self) -> dict[str, int]:
-        return {k: v for k, v in self.engine.counter_table().items() if v}
 
 
 def udp(dst="8.8.8.8", ttl=64, ident=1, src="10.0.0.5", smac=H5, dmac=R_LAN, payload=b""):
