@@ -516,16 +516,21 @@ def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events
 
 @kernel
 def _early_drop(keys, vals, state, expires, info, key, now):
-    """Delete one entry that is not assured (or has expired) near ``key``'s hash
-    position; returns True if one was."""
+    """Delete one entry near ``key``'s hash position that has expired (returns 2) or
+    is not assured (returns 1); 0 when there is none."""
     mask = state.shape[0] - 1
     s = tbl_hash(key) & mask
     for _ in range(EARLY_DROP_SCAN):
-        if state[s] == USED and ((vals[s, V_FLAGS] & F_ASSURED) == 0 or expires[s] < now):
-            tbl_delete(state, info, s)
-            return True
+        if state[s] == USED:
+            if expires[s] < now:
+                tbl_delete(state, info, s)
+                info[I_EXPIRED] += 1
+                return 2
+            if (vals[s, V_FLAGS] & F_ASSURED) == 0:
+                tbl_delete(state, info, s)
+                return 1
         s = (s + 1) & mask
-    return False
+    return 0
 
 
 @kernel
@@ -535,10 +540,12 @@ def ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row
     is accounted for. Returns the slot, or -1 when the table is full and nothing may
     be evicted (the connection is refused)."""
     if info[I_LIVE] >= info[I_MAX]:
-        if not _early_drop(keys, vals, state, expires, info, key, now):
+        dropped = _early_drop(keys, vals, state, expires, info, key, now)
+        if dropped == 0:
             events[ev0 + E_REFUSED] += 1
             return -1
-        events[ev0 + E_EARLY_DROP] += 1
+        if dropped == 1:
+            events[ev0 + E_EARLY_DROP] += 1
     e = tbl_insert(keys, state, bucket, expires, info, key, row[L.BUCKET], now, now)
     if e < 0:
         events[ev0 + E_REFUSED] += 1
@@ -564,11 +571,13 @@ def ct_delete(state, info, e):
 
 
 @kernel
-def ct_sweep(state, expires, info, events, ev0, now, budget):
-    """Reclaim expired entries among ``budget`` slots (incremental expiry)."""
-    before = info[I_EXPIRED]
+def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
+    """End of a batch: reclaim expired entries among ``budget`` slots (incremental
+    expiry) and count every entry that expired since ``info[I_EXPIRED]`` was
+    ``expired_before`` (lookups and inserts reclaim too). Returns True when
+    tombstones fill a quarter of the table (time to rebuild it)."""
     tbl_sweep(state, expires, info, now, budget)
-    events[ev0 + E_EXPIRED] += info[I_EXPIRED] - before
+    events[ev0 + E_EXPIRED] += info[I_EXPIRED] - expired_before
     return info[I_TOMBS] * 4 > state.shape[0]
 
 

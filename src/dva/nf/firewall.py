@@ -85,6 +85,7 @@ from dva.nf.conntrack import (
     ct_sweep,
     timeouts_array,
 )
+from dva.nf.table import I_EXPIRED
 from dva.packet import layout as L
 from dva.packet.batch import row_copy
 from dva.packet.checksum import (
@@ -412,6 +413,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
                     bucket, expires, info, key, timeouts, events, flags, now, sweep):
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
+    expired_before = info[I_EXPIRED]
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0
@@ -491,7 +493,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
             total = _reject(data, free, top, meta, i, total, headroom, events)
             row[L.VERDICT] = drop_code(D_REJECTED)
             row[L.NOTE] = N_REJECTED
-    flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep)
+    flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
     return total
 
 
