@@ -58,6 +58,13 @@ def inline_kernel(fn):
 
     Calls between cached kernels are real calls that pass every array argument as a
     7-word struct; for helpers run on every packet that costs more than their work.
+
+    Caution, seen with numba 0.68: do not inline a function that branches on an
+    argument which the caller assigns in more than one place (``alen = 16`` here,
+    ``alen = 4`` there). numba's dead-branch pruning then treated one assignment as a
+    constant and compiled the wrong branch (``flow_lin`` inlined into the ICMP-error
+    hash of IPv6 gave the IPv4 result); the reference differs, so the differential
+    tests catch it.
     """
     if not JIT_ENABLED:
         return fn

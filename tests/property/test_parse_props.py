@@ -34,6 +34,15 @@ PARSE_COLS = (L.HASH, L.BUCKET, L.ETYPE, L.VLAN, L.TAGS, L.L3_OFF, L.L4_OFF, L.P
               L.PFLAGS, L.PERR)
 
 
+def unfmix32(h: int) -> int:
+    """The inverse of murmur3's fmix32 (HASH = fmix32(bucket hash))."""
+    h ^= h >> 16
+    h = (h * pow(0xC2B2AE35, -1, 2**32)) & 0xFFFFFFFF
+    h ^= (h >> 13) ^ (h >> 26)
+    h = (h * pow(0x85EBCA6B, -1, 2**32)) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def parse_meta(frames, tenants=None, junk_after=None):
     """Parse ``frames`` in one batch; returns the metadata rows (a copy).
 
@@ -72,7 +81,7 @@ def check_row(row, frame):
     name = L.PARSE_ERRORS[perr]
     h = int(row[L.HASH])
     assert 0 <= h < 2**32
-    assert row[L.BUCKET] == h & (NBUCKETS - 1)
+    assert row[L.BUCKET] == unfmix32(h) & (NBUCKETS - 1)  # HASH = fmix32(bucket hash)
     assert row[L.LEN] == n
     flags = int(row[L.PFLAGS])
     etype, l3, l4, proto = (int(row[c]) for c in (L.ETYPE, L.L3_OFF, L.L4_OFF, L.PROTO))

@@ -74,6 +74,16 @@ def ref_flow_hash(tenant, proto, src, dst, sport, dport):
     return int(flow_hash(buf, tenant, proto, 3, 3 + len(a), len(a), sport, dport))
 
 
+def ref_echo_hash(tenant, proto, src, dst, ident):
+    """ICMP echo: the identifier is added to the bucket hash of the address pair."""
+    from dva.packet.parse import flow_lin, hash_final
+    a = src.packed if hasattr(src, "packed") else bytes(src)
+    b = dst.packed if hasattr(dst, "packed") else bytes(dst)
+    buf = np.frombuffer(b"\xee" * 3 + a + b + b"\xee" * 3, dtype=np.uint8).copy()
+    lin = int(flow_lin(buf, tenant, proto, 3, 3 + len(a), len(a), 0, 0))
+    return int(hash_final((lin + ident) & 0xFFFFFFFF))
+
+
 ip4 = ipaddress.IPv4Address
 ip6 = ipaddress.IPv6Address
 
@@ -111,9 +121,9 @@ def test_hash_values_match_reference_model():
         (v6(A6, B6, UDP(sport=65535, dport=0)),
          ref_flow_hash(tenant, 17, ip6(A6), ip6(B6), 65535, 0)),
         (v4(A4, B4, ICMP(type=8, id=0xBEEF, seq=3)),
-         ref_flow_hash(tenant, 1, ip4(A4), ip4(B4), 0xBEEF, 0xBEEF)),
+         ref_echo_hash(tenant, 1, ip4(A4), ip4(B4), 0xBEEF)),
         (v6(A6, B6, ICMPv6(type=129, id=77)),
-         ref_flow_hash(tenant, 58, ip6(A6), ip6(B6), 77, 77)),
+         ref_echo_hash(tenant, 58, ip6(A6), ip6(B6), 77)),
         (v4(A4, B4, ICMP(type=9, rest=b"\x01\x02\x03\x04")),  # router advert: no ports
          ref_flow_hash(tenant, 1, ip4(A4), ip4(B4), 0, 0)),
         (v4(A4, B4, Raw(bytes(8)), proto=47),  # GRE: no ports
@@ -459,8 +469,29 @@ def test_bucket_is_the_masked_hash(nbuckets):
     ref = parse_rows(frames, nbuckets=4096)
     for r, q in zip(rows, ref):
         assert r["hash"] == q["hash"]  # the bucket count does not change the hash
-        assert r["bucket"] == r["hash"] & (nbuckets - 1)
+        assert r["bucket"] == q["bucket"] & (nbuckets - 1)  # the same bucket hash, masked
         assert 0 <= r["hash"] < 2**32
+
+
+def test_bucket_hash_is_linear_in_the_ports():
+    """What a NAT relies on: rewriting an endpoint from (a, p) to (b, bucket_port(..))
+    (plus any multiple of the bucket count) keeps the flow's bucket, whatever the
+    remote endpoint is."""
+    from dva.packet.parse import addr_hash, bucket_port
+    rnd = random.Random(3)
+    for nbuckets in (4096, 64):
+        for _ in range(200):
+            a, b = ip4(rnd.getrandbits(32)), ip4(rnd.getrandbits(32))
+            remote, rport = ip4(rnd.getrandbits(32)), rnd.randrange(65536)
+            port = rnd.randrange(65536)
+            ha, hb = int(addr_hash(int(a), 0, 0, 0)), int(addr_hash(int(b), 0, 0, 0))
+            new_port = int(bucket_port(ha, port, hb, nbuckets - 1)) \
+                + nbuckets * rnd.randrange(0, 65536 // nbuckets)
+            inside = parse_one(v4(str(a), str(remote), UDP(sport=port, dport=rport)),
+                               nbuckets=nbuckets)
+            outside = parse_one(v4(str(remote), str(b), UDP(sport=rport, dport=new_port)),
+                                nbuckets=nbuckets)
+            assert inside["bucket"] == outside["bucket"]
 
 
 def _random_udp_flows(n, seed):

@@ -9,9 +9,20 @@ forwards an IPv4 packet with a bad header, a router does not).
 
 Flow hash: symmetric over tenant + (protocol, address/port pairs), so both directions
 of a flow land in one bucket. ICMP errors hash as the flow they quote; echo
-request/reply use the identifier as both ports; fragments use ports 0 (later
-fragments carry none); ARP hashes its sender/target addresses; other frames their
-MAC pair and ethertype.
+request/reply add their identifier to the hash of the address pair (ports 0);
+fragments use ports 0 (later fragments carry none); ARP hashes its sender/target
+addresses; other frames their MAC pair and ethertype.
+
+Two values per frame: the *bucket hash* ``lin = E(src, sport) + E(dst, dport) +
+T(tenant, protocol)`` (mod 2**32) with the endpoint term ``E(x, p) = A(x) + p * M(x)``
+(``A`` a hash of the address, ``M(x)`` an odd multiplier derived from it), and
+``HASH = fmix32(lin)``; ``BUCKET = lin & (buckets - 1)``. The bucket hash is linear in
+each port on purpose: a NAT that rewrites an endpoint from ``(a, p)`` to ``(b, p')``
+keeps the flow in its bucket when ``E(b, p') = E(a, p)`` modulo the bucket count,
+i.e. ``p' = (E(a, p) - A(b)) / M(b)`` (:func:`bucket_port`), whatever the remote
+endpoint is (endpoint-independent mapping): both directions of a translated flow
+still reach the worker that owns its state. ``HASH`` mixes every bit for uses that
+want a uniform 32-bit value.
 """
 
 from __future__ import annotations
@@ -59,35 +70,59 @@ def mulhi32(x, k):
 
 
 @inline_kernel
-def _endpoint(a0, a1, a2, a3, port):
-    """Hash of one (address, port) endpoint; address as four 32-bit words.
+def addr_hash(a0, a1, a2, a3):
+    """Hash of one address given as four 32-bit words (IPv4: ``a1 = a2 = a3 = 0``).
 
-    A multiply-shift alone is nearly additive in its inputs (then (A,p)+(B,q) would
-    equal (A,q)+(B,p)); the XOR with the address and the murmur finalizer break that.
+    Straight-line code on purpose (loops over a variable address length compiled
+    several times slower).
     """
-    x = mulhi32(a0 | (port << 32), K1) ^ a0
-    if (a1 | a2 | a3) != 0:
-        x = mulhi32(x | (a1 << 32), K2) ^ a2
-        x = mulhi32(x | (a3 << 32), K1) ^ a1
+    x = mulhi32(a0 | (a1 << 32), K1) ^ a0
+    if (a2 | a3) != 0:
+        x = mulhi32(x | (a2 << 32), K2) ^ a3
+        x = mulhi32(x | (a3 << 32), K1) ^ a2
     return hash_final(x)
 
 
 @inline_kernel
-def hash_words(tenant, proto, alen, a0, a1, a2, a3, b0, b1, b2, b3, sport, dport):
-    """Symmetric hash of tenant + proto + {(address a, sport), (address b, dport)}.
+def endpoint_term(ah, port):
+    """``E(x, p) = A(x) + p * M(x)`` from ``ah = A(x)``: ``M`` is odd (invertible
+    modulo any power of two), so each port moves the bucket on a full cycle."""
+    return (ah + port * ((ah >> 15) | 1)) & M32
 
-    The two endpoints are hashed apart and added: addition does not care which is
-    the source, so no comparison is needed. Straight-line code on purpose (loops over
-    a variable address length compiled several times slower).
-    """
-    e = (_endpoint(a0, a1, a2, a3, sport) + _endpoint(b0, b1, b2, b3, dport)) & M32
-    t = mulhi32((tenant & M32) | (((proto << 8) | alen) << 32), K2)
-    return hash_final(e ^ t)
+
+@kernel
+def bucket_port(ah_old, port, ah_new, mask):
+    """The port ``p'`` (modulo ``mask + 1``) that gives the endpoint with address hash
+    ``ah_new`` the bucket-hash term of ``(ah_old, port)``: a NAT adds multiples of
+    ``mask + 1`` to bring it into its port range."""
+    m = (ah_new >> 15) | 1
+    inv = m  # Newton's iteration for 1/m modulo 2**32: each step doubles the bits
+    for _ in range(5):
+        inv = (inv * (2 - m * inv)) & M32
+    return (((endpoint_term(ah_old, port) - ah_new) & M32) * inv) & mask
+
+
+@kernel
+def echo_id(ah_old, ident, ah_new, mask):
+    """The ICMP echo identifier (modulo ``mask + 1``) that keeps the bucket when an
+    endpoint's address hash changes from ``ah_old`` to ``ah_new`` (the identifier is
+    added to the bucket hash once, not as a port)."""
+    return (ident + ah_old - ah_new) & mask
 
 
 @inline_kernel
-def flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport):
-    """Symmetric hash of tenant + proto + {(src, sport), (dst, dport)}.
+def hash_words(tenant, proto, alen, a0, a1, a2, a3, b0, b1, b2, b3, sport, dport):
+    """The bucket hash (``lin``, module docstring) of tenant + proto +
+    {(address a, sport), (address b, dport)}: symmetric because addition does not care
+    which endpoint is the source."""
+    t = mulhi32((tenant & M32) | (((proto << 8) | alen) << 32), K2)
+    return (endpoint_term(addr_hash(a0, a1, a2, a3), sport)
+            + endpoint_term(addr_hash(b0, b1, b2, b3), dport) + t) & M32
+
+
+@kernel
+def flow_lin(pkt, tenant, proto, src, dst, alen, sport, dport):
+    """Bucket hash of tenant + proto + {(src, sport), (dst, dport)}.
 
     ``src``/``dst`` are offsets of ``alen``-byte (4 or 16) addresses inside ``pkt``.
     """
@@ -98,6 +133,12 @@ def flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport):
                           sport, dport)
     return hash_words(tenant, proto, 4, rd32(pkt, src), 0, 0, 0, rd32(pkt, dst), 0, 0, 0,
                       sport, dport)
+
+
+@kernel
+def flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport):
+    """``HASH`` of a flow: fmix32 of its bucket hash (see :func:`flow_lin`)."""
+    return hash_final(flow_lin(pkt, tenant, proto, src, dst, alen, sport, dport))
 
 
 @kernel
@@ -141,7 +182,7 @@ def _quoted_hash(pkt, n, tenant, q, is_v6):
         dst = q + 16
         alen = 4
         if (rd16(pkt, q + 6) & 0x3FFF) != 0:
-            return flow_hash(pkt, tenant, proto, src, dst, alen, 0, 0)
+            return flow_lin(pkt, tenant, proto, src, dst, alen, 0, 0)
     sport = 0
     dport = 0
     if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
@@ -153,9 +194,9 @@ def _quoted_hash(pkt, n, tenant, q, is_v6):
         if l4 + 8 > n:
             return -1
         if _icmp_is_echo(proto, i64(pkt[l4])):
-            sport = rd16(pkt, l4 + 4)
-            dport = sport
-    return flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport)
+            return (flow_lin(pkt, tenant, proto, src, dst, alen, 0, 0)
+                    + rd16(pkt, l4 + 4)) & M32
+    return flow_lin(pkt, tenant, proto, src, dst, alen, sport, dport)
 
 
 @inline_kernel
@@ -217,11 +258,12 @@ def _ip_hash(pkt, end, row, tenant, src, dst, alen, is_v6):
                     row[L.PFLAGS] |= L.F_ICMP_ERROR
                     return h
             elif _icmp_is_echo(proto, itype):
-                sport = rd16(pkt, l4 + 4)
-                dport = sport
+                # the identifier is the same both ways: added once, at no endpoint
+                return (flow_lin(pkt, tenant, proto, src, dst, alen, 0, 0)
+                        + rd16(pkt, l4 + 4)) & M32
     if proto < 0:
         proto = 0
-    return flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport)
+    return flow_lin(pkt, tenant, proto, src, dst, alen, sport, dport)
 
 
 @inline_kernel
@@ -332,7 +374,8 @@ def _l2_hash(pkt, tenant, etype):
 
 @kernel
 def parse_frame(pkt, n, row, tenant):
-    """Parse one frame of ``n`` bytes into metadata ``row``; returns its flow hash."""
+    """Parse one frame of ``n`` bytes into metadata ``row``; returns its bucket hash
+    (``lin``; ``HASH`` is ``hash_final(lin)``)."""
     row[L.ETYPE] = -1
     row[L.VLAN] = -1
     row[L.TAGS] = 0
@@ -380,7 +423,7 @@ def parse_frame(pkt, n, row, tenant):
             row[L.PERR] = L.E_ARP_UNSUP
         else:
             row[L.PFLAGS] = L.F_ARP | L.F_L3_OK
-            h = flow_hash(pkt, tenant, 0, off + 14, off + 24, 4, 0, 0)
+            h = flow_lin(pkt, tenant, 0, off + 14, off + 24, 4, 0, 0)
     if h < 0:
         h = _l2_hash(pkt, tenant, etype)
     return h
@@ -395,7 +438,7 @@ def parse_batch(data, meta, start_row, end_row, bucket_mask):
         n = row[L.LEN]
         pkt = data[row[L.SLOT], s:s + n]
         h = parse_frame(pkt, n, row, i64(row[L.TENANT]))
-        row[L.HASH] = h
+        row[L.HASH] = hash_final(h)
         row[L.BUCKET] = h & bucket_mask
 
 
@@ -410,4 +453,6 @@ def parse_error_name(code: int) -> str:
     return L.PARSE_ERRORS[code]
 
 
-__all__ = ["parse", "parse_batch", "parse_frame", "flow_hash", "parse_error_name", "np"]
+__all__ = ["parse", "parse_batch", "parse_frame", "flow_hash", "flow_lin", "addr_hash",
+           "bucket_port", "echo_id", "endpoint_term",
+           "parse_error_name", "np"]
