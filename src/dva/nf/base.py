@@ -82,6 +82,7 @@ class DeviceState:
 
     def __init__(self, n_events: int) -> None:
         self.events = np.zeros(max(n_events, 1), np.int64)
+        self.bucket_mask = 4095  # the engine's flow bucket count - 1 (it sets it)
         self.flow_tables: dict[str, HashTable] = {}
         self.shared_tables: dict[str, HashTable] = {}
 

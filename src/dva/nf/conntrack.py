@@ -93,8 +93,8 @@ SWEEP_BATCH = 64  # slots checked per batch
 SWEEP_TICK = 4096  # slots checked per tick (an empty batch)
 
 # classification results
-NEW, ESTABLISHED, RELATED, INVALID, UNTRACKED, REOPEN = range(6)
-RESULT_NAMES = ("new", "established", "related", "invalid", "untracked", "reopen")
+NEW, ESTABLISHED, RELATED, INVALID, UNTRACKED, REOPEN, FOUND = range(7)
+RESULT_NAMES = ("new", "established", "related", "invalid", "untracked", "reopen", "found")
 
 # TCP states (the order of the table's columns)
 (S_NONE, S_SYN_SENT, S_SYN_RECV, S_ESTABLISHED, S_FIN_WAIT, S_CLOSE_WAIT, S_LAST_ACK,
@@ -456,12 +456,14 @@ def ct_related_key(pkt, n, l4, zone, key):
 
 
 @kernel
-def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events, ev0,
-              now):
-    """Classify the IPv4 packet of metadata ``row`` (parsed, L4 header valid or a
-    protocol without one). Returns ``(result, entry slot, direction)``; for NEW the
-    canonical key is in ``key`` and the direction says whether the packet's source
-    is endpoint A (1) or B (0), for :func:`ct_create`."""
+def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, now):
+    """Look the IPv4 packet of metadata ``row`` up (parsed: L4 header valid, or a
+    protocol without one), without changing any entry. Returns ``(result, entry
+    slot, direction)``: ``FOUND`` with the entry and the packet's direction (0:
+    original, 1: reply; advance it with :func:`ct_advance`), ``RELATED`` with the
+    entry of the connection the ICMP error quotes (its key in ``key``), ``NEW`` (the
+    canonical key in ``key``; the direction is 1 when the packet's source is endpoint
+    A, for :func:`ct_create`), ``INVALID`` or ``UNTRACKED``."""
     s = row[L.START]
     n = row[L.LEN]
     pkt = data[row[L.SLOT], s:s + n]
@@ -482,10 +484,11 @@ def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events
     elif proto == L.PROTO_ICMP:
         k = _icmp_kind(i64(pkt[l4]))
         if k == 0:
-            if ct_related_key(pkt, l3 + rd16(pkt, l3 + 2), l4, zone, key) \
-                    and tbl_lookup(keys, state, expires, info, key, now) >= 0:
-                events[ev0 + E_RELATED] += 1
-                return RELATED, -1, 0
+            if ct_related_key(pkt, l3 + rd16(pkt, l3 + 2), l4, zone, key):
+                e = tbl_lookup(keys, state, expires, info, key, now)
+                if e >= 0:
+                    events[ev0 + E_RELATED] += 1
+                    return RELATED, e, 0
             events[ev0 + E_INVALID] += 1
             return INVALID, -1, 0
         if k == 3:
@@ -500,18 +503,41 @@ def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events
             events[ev0 + E_INVALID] += 1
             return INVALID, -1, 0
         return NEW, -1, 1 if a else 0
-    d = 0 if a == ((vals[e, V_FLAGS] & F_ORIG_A) != 0) else 1
+    return FOUND, e, 0 if a == ((vals[e, V_FLAGS] & F_ORIG_A) != 0) else 1
+
+
+@kernel
+def ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now):
+    """Advance connection ``e`` with the packet of ``row`` in direction ``d``:
+    ESTABLISHED (it passes), INVALID, or REOPEN (a new SYN on a closed connection)."""
+    s = row[L.START]
+    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
+    proto = row[L.PROTO]
+    l4 = row[L.L4_OFF]
     if proto == L.PROTO_ICMP and (i64(pkt[l4]) == 8) != (d == 0):
         events[ev0 + E_INVALID] += 1  # echo requests go one way, replies the other
-        return INVALID, e, d
+        return INVALID
     if proto == L.PROTO_TCP:
-        r = ct_tcp(vals, expires, e, d, pkt, l3, l4, timeouts, now)
+        r = ct_tcp(vals, expires, e, d, pkt, row[L.L3_OFF], l4, timeouts, now)
         if r == INVALID:
             events[ev0 + E_INVALID] += 1
         elif r == REOPEN:
             events[ev0 + E_REOPENED] += 1
+        return r
+    return ct_other(vals, expires, e, d, proto, timeouts, now)
+
+
+@kernel
+def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events, ev0,
+              now):
+    """:func:`ct_classify`, then :func:`ct_advance` for a packet of a known
+    connection: ``(ESTABLISHED | INVALID | REOPEN | NEW | RELATED | UNTRACKED, entry,
+    direction)``."""
+    r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0,
+                          now)
+    if r != FOUND:
         return r, e, d
-    return ct_other(vals, expires, e, d, proto, timeouts, now), e, d
+    return ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now), e, d
 
 
 @kernel
@@ -582,7 +608,7 @@ def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
 
 
 __all__ = [
-    "Conntrack", "ct_packet", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
+    "Conntrack", "ct_packet", "ct_classify", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
     "ct_related_key", "timeouts_array", "CT_EVENTS", "DEFAULT_TIMEOUTS", "NEW",
     "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "REOPEN", "MAX_FLOWS_LIMIT",
     "TCP_NEXT", "TCP_STATE_NAMES",

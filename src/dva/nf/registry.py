@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dva.nf.base import Device
 from dva.nf.firewall import Firewall
+from dva.nf.nat import Nat
 from dva.nf.router import Router
 from dva.nf.switch import Switch
 
@@ -15,6 +16,7 @@ _BUILTIN: dict[str, type[Device]] = {
     Switch.type_name: Switch,
     Router.type_name: Router,
     Firewall.type_name: Firewall,
+    Nat.type_name: Nat,
 }
 _types: dict[str, type[Device]] = dict(_BUILTIN)
 

@@ -1,0 +1,873 @@
+"""``nat``: IPv4 network address translation between two ports (a bump in the wire).
+
+Ports: the two names in ``ports``, inside first (e.g. ``[inside, outside]``). Frames
+are not re-addressed at L2: the NAT sits between a router and the outside link (or
+between two routers) and rewrites only IP addresses, TCP/UDP ports and ICMP echo
+identifiers, with incremental checksum updates (RFC 1624).
+
+Config::
+
+    type: nat
+    ports: [inside, outside]
+    snat:                                  # connections opened from inside
+      to: 198.51.100.2                     # an address, a list, or a range a-b (a pool)
+      ports: 1024-65535                    # external ports (and ICMP identifiers)
+      filtering: address-port-dependent    # or endpoint-independent (RFC 4787)
+    dnat:                                  # port forwards from outside
+      - {proto: tcp, dport: 8080, to: 10.0.0.50:80}    # optional: addr (default any)
+      - {proto: udp, dport: 5000-5010, to: 10.0.0.51}  # a range keeps the port
+    static:                                # 1:1 NAT, both ways, ports kept
+      - {inside: 10.0.0.60, outside: 198.51.100.60}
+    hairpin: true                          # inside hosts reach mappings of others
+    max_flows: 65536                       # connections (each holds 2 table entries)
+    timeouts: {udp: 60}                    # conntrack timeouts (conntrack.DEFAULT_TIMEOUTS)
+
+Behaviour (drop reasons in ``DROPS``):
+
+* Every IPv4 packet is tracked (:mod:`dva.nf.conntrack`; invalid packets are
+  dropped ``invalid``). A connection's translation is decided by its first packet
+  and applied to all its packets both ways; its mapping lives as long as it does.
+* From inside, a new connection is source-translated: by a ``static`` entry for its
+  source (address only), else by ``snat``: **endpoint-independent mapping** (RFC 4787
+  REQ-1): an inside (address, port) keeps its external (address, port) for every
+  destination while any of its connections lives; **paired pooling** (REQ-2): an
+  inside address always gets the same pool address, chosen by a hash of it. The
+  external port (ICMP: identifier) is chosen so that the **translated flow stays in
+  the flow bucket of the original** (:func:`dva.packet.parse.bucket_port`): replies
+  reach the worker that owns the connection's state. Among the ports of that bucket
+  class (about range / 4096 of them) the inside port itself is taken when it
+  qualifies and is free (port preservation), else a free one from a hashed start;
+  none free: ``ports_exhausted`` (counted, no other address is tried but the pool's
+  next ones).
+* From outside, a new connection to a ``dnat`` port forward or a ``static`` outside
+  address is destination-translated; with ``filtering: endpoint-independent`` (REQ-8)
+  also one to any live mapping. Anything else passes untranslated (and tracked):
+  traffic to the NAT's own address, e.g. the router behind it (filtering is the
+  firewall's job). With the default address-and-port-dependent filtering, only
+  replies of existing connections reach a mapping.
+* Hairpinning (REQ-9): a new connection from inside to an external address of the
+  NAT (a mapping, a port forward, a static address) is translated both ways (source
+  to its own mapping, destination to the inside target) and sent back inside.
+* ICMP errors (RFC 5508): an error about a translated connection is translated back:
+  the outer address, the quoted header's address and port (or identifier) and their
+  checksums, the ICMP checksum. An error about nothing tracked: ``invalid``.
+* ARP passes; other non-IPv4 frames and VLAN-tagged ones: ``unsupported``; parse
+  errors ``malformed``; bad IPv4 header checksum ``bad_checksum``; non-first
+  fragments (no ports to translate by): ``fragment``.
+
+Limits not hidden: DNAT and static NAT keep ports, so their replies can hash to
+another bucket than the original direction (a multi-worker dispatcher must steer
+them to the owner); IPv6 is not translated (``unsupported``); fragments are not
+reassembled.
+
+State (:class:`NatState`): the connection table (flow state: two entries per
+translated connection, the original and the translated tuple) and the mapping table
+(shared: inside endpoint <-> external endpoint, for endpoint-independent mapping).
+Counters: ``conntrack.CT_EVENTS`` then ``EVENTS``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dva._jit import i64, kernel
+from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code
+from dva.nf.conntrack import (
+    CT_EVENTS,
+    DEFAULT_TIMEOUTS,
+    ESTABLISHED,
+    F_ORIG_A,
+    FOUND,
+    INVALID,
+    KEY_WORDS,
+    MAX_FLOWS_LIMIT,
+    NEW,
+    RELATED,
+    REOPEN,
+    SWEEP_BATCH,
+    SWEEP_TICK,
+    UNTRACKED,
+    V_FLAGS,
+    V_USER,
+    Conntrack,
+    ct_advance,
+    ct_classify,
+    ct_create,
+    ct_delete,
+    ct_make_key,
+    ct_sweep,
+    pack32,
+    timeouts_array,
+)
+from dva.nf.table import I_EXPIRED, I_LIVE, I_MAX, HashTable, tbl_insert, tbl_lookup, tbl_sweep
+from dva.packet import layout as L
+from dva.packet.checksum import (
+    csum_add,
+    csum_fold,
+    csum_update16,
+    csum_update32,
+    rd16,
+    rd32,
+    wr16,
+    wr32,
+)
+from dva.packet.parse import addr_hash, bucket_port, echo_id
+
+DROPS = (
+    "malformed",  # a parse error
+    "bad_checksum",  # IPv4 header checksum
+    "unsupported",  # not IPv4 or ARP (IPv6 included), or VLAN-tagged
+    "fragment",  # a non-first fragment: no ports to translate by
+    "invalid",  # conntrack: invalid, or an ICMP error about nothing tracked
+    "ports_exhausted",  # no free external port (identifier) of the flow's bucket class
+    "table_full",  # connection or mapping table full of live entries
+)
+(D_MALFORMED, D_BAD_CSUM, D_UNSUPPORTED, D_FRAGMENT, D_INVALID, D_EXHAUSTED,
+ D_TABLE_FULL) = range(len(DROPS))
+
+EVENTS = ("snat_flows", "dnat_flows", "hairpin_flows", "untranslated_flows",
+          "mappings_created", "ports_preserved", "icmp_errors_translated")
+NCT = len(CT_EVENTS)
+(C_SNAT, C_DNAT, C_HAIRPIN, C_PLAIN, C_MAPPINGS, C_PRESERVED,
+ C_ICMP_XLATE) = range(NCT, NCT + len(EVENTS))
+
+NOTES = ("", "translated", "translated back", "untranslated", "new: source NAT",
+         "new: destination NAT", "new: hairpin", "new: untranslated", "ARP passes",
+         "ICMP error translated")
+(N_FWD, N_BACK, N_PLAIN, N_SNAT, N_DNAT, N_HAIRPIN, N_NEW_PLAIN, N_ARP,
+ N_ICMP) = range(1, len(NOTES))
+
+# conntrack user words. Each translated connection has two entries: E1 keyed by the
+# original tuple O (as its first packet arrived) and E2 keyed by the translated tuple
+# T; both hold O and T in the original direction (src port, dst port; ICMP echo: the
+# identifier in both), the ports (ingress of the first packet | egress << 8) and, in
+# E1, when E2 and the mapping were last refreshed.
+U_KIND = V_USER
+U_O = V_USER + 1  # 4 words: src addr, src port, dst addr, dst port
+U_T = V_USER + 5  # 4 words
+U_PORTS = V_USER + 9
+U_REFRESH = V_USER + 10
+NUSER = 11
+KIND_ORIG, KIND_XLAT = 0, 1
+REFRESH_US = 1_000_000  # E2 and mappings follow E1's expiry, refreshed once a second
+SLACK = 2.0  # seconds E2 and mappings outlive their connection's last refresh
+MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
+# mapping table: key (type << 40 | zone << 8 | proto, pack32(addr, port)), value (addr,
+# port) of the other side. MAP_OUT: inside endpoint -> external; MAP_IN: the reverse.
+MAP_OUT, MAP_IN = 0, 1
+# cfg[]
+G_PLO, G_PHI, G_EIF, G_HAIRPIN, G_SNAT = 0, 1, 2, 3, 4
+# dnat rows: proto, addr (-1 any), port lo, port hi, to addr, to port (-1: kept)
+# static rows: inside, outside
+
+
+# -- config ------------------------------------------------------------------------
+
+def _addr(v: str) -> int:
+    try:
+        a = ipaddress.IPv4Address(v)
+    except ValueError as e:
+        raise ValueError(f"bad address {v!r}: {e}") from None
+    if int(a) >> 24 in (0, 127) or int(a) >> 28 >= 14:
+        raise ValueError(f"bad address {v!r}: not a unicast host address")
+    return int(a)
+
+
+def _range(v: int | str, what: str) -> tuple[int, int]:
+    if isinstance(v, bool):
+        raise ValueError(f"bad {what} {v!r}")
+    if isinstance(v, int):
+        lo = hi = v
+    else:
+        parts = str(v).split("-")
+        try:
+            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+        except ValueError:
+            raise ValueError(f"bad {what} {v!r}: expected N or LO-HI") from None
+    if not (0 <= lo <= hi <= 65535):
+        raise ValueError(f"bad {what} {v!r}: 0..65535, LO <= HI")
+    return lo, hi
+
+
+def pool_addresses(v: str | list[str]) -> list[int]:
+    items = [v] if isinstance(v, str) else v
+    out: list[int] = []
+    for it in items:
+        if "-" in it:
+            a, b = it.split("-", 1)
+            lo, hi = _addr(a.strip()), _addr(b.strip())
+            if hi < lo or hi - lo >= 65536:
+                raise ValueError(f"bad address range {it!r}: LO-HI, at most 65536")
+            out.extend(range(lo, hi + 1))
+        else:
+            out.append(_addr(it))
+    if len(set(out)) != len(out):
+        raise ValueError("an address appears twice in the pool")
+    return out
+
+
+class Snat(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    to: str | list[str]
+    ports: int | str = "1024-65535"
+    filtering: Literal["address-port-dependent", "endpoint-independent"] = \
+        "address-port-dependent"
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v):
+        if not v:
+            raise ValueError("at least one address")
+        pool_addresses(v)
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v):
+        lo, _ = _range(v, "port range")
+        if lo == 0:
+            raise ValueError("port 0 cannot be used")
+        return v
+
+
+class Dnat(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    proto: Literal["tcp", "udp"]
+    dport: int | str
+    to: str
+    addr: str | None = None
+
+    @field_validator("dport")
+    @classmethod
+    def _dport(cls, v):
+        _range(v, "port range")
+        return v
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v):
+        a, sep, p = v.partition(":")
+        _addr(a)
+        if sep:
+            if not p.isdigit() or not 1 <= int(p) <= 65535:
+                raise ValueError(f"bad port in {v!r}: 1..65535")
+        return v
+
+    @field_validator("addr")
+    @classmethod
+    def _a(cls, v):
+        if v is not None:
+            _addr(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_port(self) -> Dnat:
+        lo, hi = _range(self.dport, "port range")
+        if lo != hi and ":" in self.to:
+            raise ValueError("a port range forwards to an address only (ports are kept)")
+        return self
+
+    def row(self) -> tuple[int, ...]:
+        lo, hi = _range(self.dport, "port range")
+        a, _, p = self.to.partition(":")
+        return (L.PROTO_TCP if self.proto == "tcp" else L.PROTO_UDP,
+                -1 if self.addr is None else _addr(self.addr), lo, hi, _addr(a),
+                int(p) if p else -1)
+
+
+class Static(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inside: str
+    outside: str
+
+    @field_validator("inside", "outside")
+    @classmethod
+    def _a(cls, v):
+        _addr(v)
+        return v
+
+
+class NatConfig(DeviceConfig):
+    type: Literal["nat"]
+    ports: list[Name]
+    snat: Snat | None = None
+    dnat: list[Dnat] = []
+    static: list[Static] = []
+    hairpin: bool = True
+    max_flows: int = Field(default=65536, ge=1, le=MAX_FLOWS_LIMIT // 2)
+    timeouts: dict[str, float] = {}
+
+    @field_validator("ports")
+    @classmethod
+    def _two_ports(cls, v):
+        if len(v) != 2 or v[0] == v[1]:
+            raise ValueError("a nat has exactly two ports with different names "
+                             "(inside first)")
+        return v
+
+    @field_validator("timeouts")
+    @classmethod
+    def _timeouts(cls, v):
+        for k, secs in v.items():
+            if k not in DEFAULT_TIMEOUTS:
+                raise ValueError(f"unknown timeout {k!r}; known: "
+                                 f"{', '.join(DEFAULT_TIMEOUTS)}")
+            if not 0 < secs <= 10 * 365 * 86400:
+                raise ValueError(f"timeout {k} must be > 0 seconds (and at most 10 years)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NatConfig:
+        ins = [_addr(s.inside) for s in self.static]
+        outs = [_addr(s.outside) for s in self.static]
+        if len(set(ins)) != len(ins) or len(set(outs)) != len(outs):
+            raise ValueError("static: an address is mapped twice")
+        if self.snat and set(outs) & set(pool_addresses(self.snat.to)):
+            raise ValueError("static: an outside address is also in the snat pool")
+        seen: list[tuple[str, int, int, str | None]] = []
+        for i, d in enumerate(self.dnat):
+            lo, hi = _range(d.dport, "port range")
+            for p, a, b, addr in seen:
+                if p == d.proto and lo <= b and a <= hi and (addr is None or d.addr is None
+                                                              or addr == d.addr):
+                    raise ValueError(f"dnat[{i}]: overlaps an earlier port forward")
+            seen.append((d.proto, lo, hi, d.addr))
+        return self
+
+    def port_names(self) -> list[str]:
+        return list(self.ports)
+
+
+class NatState(DeviceState):
+    def __init__(self, config: NatConfig) -> None:
+        super().__init__(NCT + len(EVENTS))
+        # Two entries per translated connection.
+        self.ct = Conntrack(2 * config.max_flows, user_words=NUSER)
+        self.flow_tables["conntrack"] = self.ct.table
+        self.maps = HashTable(2, 2, 2 * config.max_flows)
+        self.shared_tables["mappings"] = self.maps
+        self.key2 = np.zeros(KEY_WORDS, np.int64)
+        self.mkey = np.zeros(2, np.int64)
+        self.tup = np.zeros(4, np.int64)
+        self.flags = np.zeros(1, np.int64)
+
+
+# -- kernels ---------------------------------------------------------------------------
+
+@kernel
+def _l4_csum_off(proto):
+    if proto == L.PROTO_TCP:
+        return 16
+    if proto == L.PROTO_UDP:
+        return 6
+    return 2  # ICMP
+
+
+@kernel
+def _fix_l4(pkt, l4, end, proto, old, new, is_addr):
+    """Update the TCP/UDP/ICMP checksum at ``l4`` (if it lies before ``end``) for one
+    changed 32-bit address (pseudo-header: not for ICMP) or 16-bit port/identifier."""
+    if proto != L.PROTO_TCP and proto != L.PROTO_UDP and proto != L.PROTO_ICMP:
+        return
+    if is_addr and proto == L.PROTO_ICMP:
+        return  # no pseudo-header
+    c = l4 + _l4_csum_off(proto)
+    if c + 2 > end:
+        return
+    cs = rd16(pkt, c)
+    if proto == L.PROTO_UDP and cs == 0:
+        return  # sent without a checksum
+    if is_addr:
+        cs = csum_update32(cs, old, new)
+    else:
+        cs = csum_update16(cs, old, new)
+    wr16(pkt, c, 0xFFFF if (proto == L.PROTO_UDP and cs == 0) else cs)
+
+
+@kernel
+def _put_endpoint(pkt, l3, l4, end, proto, which, addr, port):
+    """Give the header at ``l3`` (transport at ``l4``, bytes up to ``end``) a new
+    source (which 0) or destination (1) endpoint, with every checksum it covers."""
+    off = l3 + 12 + 4 * which
+    old = rd32(pkt, off)
+    if old != addr:
+        wr32(pkt, off, addr)
+        wr16(pkt, l3 + 10, csum_update32(rd16(pkt, l3 + 10), old, addr))
+        _fix_l4(pkt, l4, end, proto, old, addr, True)
+    if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
+        po = l4 + 2 * which
+    elif proto == L.PROTO_ICMP:
+        po = l4 + 4
+    else:
+        return
+    if po + 2 > end:
+        return
+    oldp = rd16(pkt, po)
+    if oldp != port:
+        wr16(pkt, po, port)
+        _fix_l4(pkt, l4, end, proto, oldp, port, False)
+
+
+@kernel
+def _read_tuple(pkt, l3, l4, end, proto, tup):
+    """(src, sport, dst, dport) into ``tup``; ICMP echo: the identifier both ways;
+    fields beyond ``end`` read as 0."""
+    tup[0] = rd32(pkt, l3 + 12)
+    tup[2] = rd32(pkt, l3 + 16)
+    tup[1] = 0
+    tup[3] = 0
+    if (proto == L.PROTO_TCP or proto == L.PROTO_UDP) and l4 + 4 <= end:
+        tup[1] = rd16(pkt, l4)
+        tup[3] = rd16(pkt, l4 + 2)
+    elif proto == L.PROTO_ICMP and l4 + 6 <= end:
+        tup[1] = rd16(pkt, l4 + 4)
+        tup[3] = tup[1]
+
+
+@kernel
+def _xlat(vals, e, f, g, a, p):
+    """Endpoint (a, p) of space ``f`` (U_O or U_T) in space ``g``: (addr, port)."""
+    if a == vals[e, f] and p == vals[e, f + 1]:
+        return vals[e, g], vals[e, g + 1]
+    if a == vals[e, f + 2] and p == vals[e, f + 3]:
+        return vals[e, g + 2], vals[e, g + 3]
+    return a, p
+
+
+@kernel
+def _translate(pkt, l3, l4, end, proto, vals, e, f, g, tup):
+    """Rewrite the packet's tuple from space ``f`` to space ``g`` of connection e."""
+    _read_tuple(pkt, l3, l4, end, proto, tup)
+    sa, sp = _xlat(vals, e, f, g, tup[0], tup[1])
+    da, dp = _xlat(vals, e, f, g, tup[2], tup[3])
+    _put_endpoint(pkt, l3, l4, end, proto, 0, sa, sp)
+    _put_endpoint(pkt, l3, l4, end, proto, 1, da, dp)
+
+
+@kernel
+def _map_key(mkey, kind, zone, proto, addr, port):
+    mkey[0] = (kind << 40) | ((zone & 0xFFFFFFFF) << 8) | proto
+    mkey[1] = pack32(addr, port)
+
+
+@kernel
+def _alloc(mkeys, mvals, mstate, mbucket, mexp, minfo, mkey, zone, proto, h, hp, pool,
+           pool_h, cfg, mask, now, events):
+    """External (address, port) for inside endpoint (h, hp): its live mapping, or a
+    new one whose port keeps the flow's bucket. Port -1: the bucket class is
+    exhausted on every pool address; -2: the mapping table is full."""
+    _map_key(mkey, MAP_OUT, zone, proto, h, hp)
+    s = tbl_lookup(mkeys, mstate, mexp, minfo, mkey, now)
+    if s >= 0:
+        return mvals[s, 0], mvals[s, 1]
+    hh = addr_hash(h, 0, 0, 0)
+    npool = pool.shape[0]
+    first = (hh >> 8) % npool  # paired pooling: an inside address, one pool address
+    lo = cfg[G_PLO]
+    hi = cfg[G_PHI]
+    nb = mask + 1
+    for t in range(npool):
+        k = (first + t) % npool
+        if proto == L.PROTO_ICMP:
+            cls = echo_id(hh, hp, pool_h[k], mask)
+        else:
+            cls = bucket_port(hh, hp, pool_h[k], mask)
+        j0 = (lo - cls + nb - 1) // nb if lo > cls else 0  # class ports in [lo, hi]
+        j1 = (hi - cls) // nb if hi >= cls else -1
+        count = j1 - j0 + 1
+        if count <= 0:
+            continue
+        start = ((hh ^ (hp * 0x9E3779B1)) & 0x7FFFFFFF) % count
+        for m in range(count + 1):
+            if m == 0:  # the inside port itself, when it qualifies (preservation)
+                if hp < lo or hp > hi or (hp & mask) != cls:
+                    continue
+                port = hp
+            else:
+                port = cls + (j0 + (start + m - 1) % count) * nb
+            _map_key(mkey, MAP_IN, zone, proto, pool[k], port)
+            if tbl_lookup(mkeys, mstate, mexp, minfo, mkey, now) >= 0:
+                continue
+            if minfo[I_LIVE] + 2 > minfo[I_MAX]:
+                return pool[k], -2
+            s = tbl_insert(mkeys, mstate, mbucket, mexp, minfo, mkey, -1, now + MAP_LIFE,
+                           now)
+            mvals[s, 0] = h
+            mvals[s, 1] = hp
+            _map_key(mkey, MAP_OUT, zone, proto, h, hp)
+            s = tbl_insert(mkeys, mstate, mbucket, mexp, minfo, mkey, -1, now + MAP_LIFE,
+                           now)
+            mvals[s, 0] = pool[k]
+            mvals[s, 1] = port
+            events[C_MAPPINGS] += 1
+            if port == hp:
+                events[C_PRESERVED] += 1
+            return pool[k], port
+    return 0, -1
+
+
+@kernel
+def _dnat_target(dnat, proto, da, dp):
+    """Index of the port forward for (proto, dst addr, dst port), or -1."""
+    for j in range(dnat.shape[0]):
+        if dnat[j, 0] == proto and (dnat[j, 1] < 0 or dnat[j, 1] == da) \
+                and dp >= dnat[j, 2] and dp <= dnat[j, 3]:
+            return j
+    return -1
+
+
+@kernel
+def _static_of(static, col, a):
+    for j in range(static.shape[0]):
+        if static[j, col] == a:
+            return j
+    return -1
+
+
+@kernel
+def _is_external(pool, static, dnat, a):
+    for j in range(pool.shape[0]):
+        if pool[j] == a:
+            return True
+    for j in range(dnat.shape[0]):
+        if dnat[j, 1] == a:
+            return True
+    return _static_of(static, 1, a) >= 0
+
+
+@kernel
+def _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static, dnat, eif,
+                    zone, proto, da, dp, now):
+    """Where a new connection to (da, dp) from outside (or hairpinned) goes: (addr,
+    port), (da, dp) itself when nothing maps it."""
+    j = _dnat_target(dnat, proto, da, dp)
+    if j >= 0:
+        return dnat[j, 4], (dp if dnat[j, 5] < 0 else dnat[j, 5])
+    st = _static_of(static, 1, da)
+    if st >= 0:
+        return static[st, 0], dp
+    if eif:
+        _map_key(mkey, MAP_IN, zone, proto, da, dp)
+        m = tbl_lookup(mkeys, mstate, mexp, minfo, mkey, now)
+        if m >= 0:
+            return mvals[m, 0], mvals[m, 1]
+    return da, dp
+
+
+@kernel
+def _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey,
+             e1, zone, proto, now):
+    """E2 and the mapping of connection ``e1`` outlive it: refreshed once a second."""
+    now_us = i64(now * 1e6)
+    if now_us - vals[e1, U_REFRESH] < REFRESH_US:
+        return
+    vals[e1, U_REFRESH] = now_us
+    exp = expires[e1] + SLACK
+    t = U_T
+    ct_make_key(key2, zone, proto, vals[e1, t], vals[e1, t + 1], vals[e1, t + 2],
+                vals[e1, t + 3])
+    e2 = tbl_lookup(keys, state, expires, info, key2, now)
+    if e2 >= 0 and e2 != e1:
+        expires[e2] = exp
+    if vals[e1, U_O] != vals[e1, t] or vals[e1, U_O + 1] != vals[e1, t + 1]:
+        for kind in range(2):
+            if kind == MAP_OUT:
+                _map_key(mkey, kind, zone, proto, vals[e1, U_O], vals[e1, U_O + 1])
+            else:
+                _map_key(mkey, kind, zone, proto, vals[e1, t], vals[e1, t + 1])
+            m = tbl_lookup(mkeys, mstate, mexp, minfo, mkey, now)
+            if m >= 0 and mexp[m] < exp:
+                mexp[m] = exp
+
+
+@kernel
+def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals, mstate,
+              mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static, dnat, cfg,
+              mask, a_is_src, timeouts, events, now):
+    """Create the connection of a NEW packet and decide its translation (and rewrite
+    the packet). Returns (E1 slot, note), or (-1 - drop reason, 0)."""
+    s = row[L.START]
+    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
+    l3 = row[L.L3_OFF]
+    l4 = row[L.L4_OFF]
+    end = l3 + rd16(pkt, l3 + 2)
+    proto = row[L.PROTO]
+    zone = row[L.TENANT]
+    inp = row[L.IN_PORT]
+    _read_tuple(pkt, l3, l4, end, proto, tup)
+    sa, sp, da, dp = tup[0], tup[1], tup[2], tup[3]
+    nsa, nsp, nda, ndp = sa, sp, da, dp
+    outp = 1 - inp
+    note = N_NEW_PLAIN
+    ported = proto == L.PROTO_TCP or proto == L.PROTO_UDP or proto == L.PROTO_ICMP
+    if inp == 0:
+        if cfg[G_HAIRPIN] and _is_external(pool, static, dnat, da):
+            nda, ndp = _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool,
+                                       static, dnat, True, zone, proto, da, dp, now)
+            if nda != da or ndp != dp:
+                outp = 0
+                note = N_HAIRPIN
+        st = _static_of(static, 0, sa)
+        if st >= 0:
+            nsa = static[st, 1]
+        elif cfg[G_SNAT] and ported:
+            nsa, nsp = _alloc(mkeys, mvals, mstate, mbucket, mexp, minfo, mkey, zone,
+                              proto, sa, sp, pool, pool_h, cfg, mask, now, events)
+            if nsp == -1:
+                return -1 - D_EXHAUSTED, 0
+            if nsp == -2:
+                return -1 - D_TABLE_FULL, 0
+        if note != N_HAIRPIN and (nsa != sa or nsp != sp):
+            note = N_SNAT
+    else:
+        nda, ndp = _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static,
+                                   dnat, cfg[G_EIF] != 0, zone, proto, da, dp, now)
+        if nda != da or ndp != dp:
+            note = N_DNAT
+    if proto == L.PROTO_ICMP:
+        ndp = nsp  # an echo's identifier is one value, both ways
+    if not ported:
+        nsp = 0
+        ndp = 0
+    e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, 0,
+                   timeouts, events, 0, now)
+    if e1 < 0:
+        return -1 - D_TABLE_FULL, 0
+    vals[e1, U_KIND] = KIND_ORIG
+    vals[e1, U_O] = sa
+    vals[e1, U_O + 1] = sp
+    vals[e1, U_O + 2] = da
+    vals[e1, U_O + 3] = dp
+    vals[e1, U_T] = nsa
+    vals[e1, U_T + 1] = nsp
+    vals[e1, U_T + 2] = nda
+    vals[e1, U_T + 3] = ndp
+    vals[e1, U_PORTS] = inp | (outp << 8)
+    vals[e1, U_REFRESH] = i64(now * 1e6)
+    if note == N_NEW_PLAIN:
+        events[C_PLAIN] += 1
+        return e1, note
+    a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
+    e2 = tbl_lookup(keys, state, expires, info, key2, now)
+    if e2 < 0:
+        e2 = tbl_insert(keys, state, bucket, expires, info, key2, row[L.BUCKET],
+                        expires[e1] + SLACK, now)
+    if e2 < 0:
+        ct_delete(state, info, e1)
+        return -1 - D_TABLE_FULL, 0
+    for w in range(vals.shape[1]):
+        vals[e2, w] = vals[e1, w]
+    vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
+    vals[e2, U_KIND] = KIND_XLAT
+    expires[e2] = expires[e1] + SLACK
+    # refresh the mapping to the connection's lifetime
+    vals[e1, U_REFRESH] = -(1 << 60)
+    _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey, e1,
+             zone, proto, now)
+    _translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
+    if note == N_SNAT:
+        events[C_SNAT] += 1
+    elif note == N_DNAT:
+        events[C_DNAT] += 1
+    else:
+        events[C_HAIRPIN] += 1
+    return e1, note
+
+
+@kernel
+def _icmp_error(data, row, vals, e, tup):
+    """Translate an ICMP error whose quoted packet belongs to connection entry ``e``
+    (found by the quoted tuple): the quoted header into the other space of the
+    connection, the outer destination (the quoted packet's source) and source (if it
+    is the quoted destination) alike, the ICMP checksum recomputed. Returns the port
+    toward the quoted packet's source."""
+    s = row[L.START]
+    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
+    l3 = row[L.L3_OFF]
+    l4 = row[L.L4_OFF]
+    end = l3 + rd16(pkt, l3 + 2)
+    q = l4 + 8
+    il4 = q + (i64(pkt[q]) & 0xF) * 4
+    iproto = i64(pkt[q + 9])
+    f = U_T if vals[e, U_KIND] == KIND_XLAT else U_O
+    g = U_O if f == U_T else U_T
+    _read_tuple(pkt, q, il4, end, iproto, tup)
+    qa, qp, ra, rp = tup[0], tup[1], tup[2], tup[3]
+    from_orig_src = qa == vals[e, f] and qp == vals[e, f + 1]
+    nqa, nqp = _xlat(vals, e, f, g, qa, qp)
+    nra, nrp = _xlat(vals, e, f, g, ra, rp)
+    _put_endpoint(pkt, q, il4, end, iproto, 0, nqa, nqp)
+    _put_endpoint(pkt, q, il4, end, iproto, 1, nra, nrp)
+    osrc = rd32(pkt, l3 + 12)
+    _put_endpoint(pkt, l3, l4, end, 255, 1, nqa, 0)
+    if osrc == ra:
+        _put_endpoint(pkt, l3, l4, end, 255, 0, nra, 0)
+    wr16(pkt, l4 + 2, 0)
+    wr16(pkt, l4 + 2, csum_fold(csum_add(pkt, l4, end - l4, 0)))
+    ports = vals[e, U_PORTS]
+    return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
+
+
+@kernel
+def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, mvals,
+               mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static,
+               dnat, cfg, mask, timeouts, events, flags, now, sweep):
+    """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
+    expired_before = info[I_EXPIRED]
+    for i in range(n):
+        row = meta[i]
+        row[L.NOTE] = 0
+        inp = row[L.IN_PORT]
+        etype = row[L.ETYPE]
+        if row[L.PERR] != L.E_OK:
+            row[L.VERDICT] = drop_code(D_MALFORMED)
+            continue
+        if row[L.TAGS] > 0 or (etype != L.ETH_IPV4 and etype != L.ETH_ARP):
+            row[L.VERDICT] = drop_code(D_UNSUPPORTED)
+            continue
+        if etype == L.ETH_ARP:
+            row[L.VERDICT] = 1 - inp
+            row[L.NOTE] = N_ARP
+            continue
+        if row[L.PFLAGS] & L.F_IP_CSUM_BAD:
+            row[L.VERDICT] = drop_code(D_BAD_CSUM)
+            continue
+        if row[L.PFLAGS] & L.F_LATER_FRAG:
+            row[L.VERDICT] = drop_code(D_FRAGMENT)
+            continue
+        r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events, 0,
+                              now)
+        if r == RELATED:
+            row[L.VERDICT] = _icmp_error(data, row, vals, e, tup)
+            row[L.NOTE] = N_ICMP
+            events[C_ICMP_XLATE] += 1
+            continue
+        if r == INVALID:
+            row[L.VERDICT] = drop_code(D_INVALID)
+            continue
+        if r == UNTRACKED:
+            row[L.VERDICT] = 1 - inp
+            row[L.NOTE] = N_PLAIN
+            continue
+        s = row[L.START]
+        pkt = data[row[L.SLOT], s:s + row[L.LEN]]
+        l3 = row[L.L3_OFF]
+        l4 = row[L.L4_OFF]
+        end = l3 + rd16(pkt, l3 + 2)
+        proto = row[L.PROTO]
+        zone = row[L.TENANT]
+        if r == FOUND and vals[e, U_KIND] == KIND_XLAT:
+            # a packet of the translated tuple: back to the original one, then the
+            # connection's own entry (E1) judges it
+            e2 = e
+            _translate(pkt, l3, l4, end, proto, vals, e2, U_T, U_O, tup)
+            ports = vals[e2, U_PORTS]
+            r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events,
+                                  0, now)
+            if r != FOUND or vals[e, U_KIND] != KIND_ORIG:
+                row[L.VERDICT] = drop_code(D_INVALID)  # the connection is gone
+                continue
+            if ct_advance(vals, expires, e, d, data, row, timeouts, events, 0, now) \
+                    != ESTABLISHED:
+                row[L.VERDICT] = drop_code(D_INVALID)
+                continue
+            _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2,
+                     mkey, e, zone, proto, now)
+            row[L.VERDICT] = (ports & 0xFF) if d == 1 else ((ports >> 8) & 0xFF)
+            row[L.NOTE] = N_BACK
+            continue
+        if r == FOUND:
+            a = ct_advance(vals, expires, e, d, data, row, timeouts, events, 0, now)
+            if a == INVALID:
+                row[L.VERDICT] = drop_code(D_INVALID)
+                continue
+            if a == REOPEN:
+                # a new connection on a closed one's ports: forget it (E2 expires soon)
+                ct_delete(state, info, e)
+                r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row,
+                                      events, 0, now)
+            else:
+                ports = vals[e, U_PORTS]
+                xl = vals[e, U_O] != vals[e, U_T] or vals[e, U_O + 1] != vals[e, U_T + 1] \
+                    or vals[e, U_O + 2] != vals[e, U_T + 2] \
+                    or vals[e, U_O + 3] != vals[e, U_T + 3]
+                if xl:
+                    if d == 1:
+                        row[L.VERDICT] = drop_code(D_INVALID)  # a reply not to the mapping
+                        continue
+                    _translate(pkt, l3, l4, end, proto, vals, e, U_O, U_T, tup)
+                    _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo,
+                             key2, mkey, e, zone, proto, now)
+                    row[L.NOTE] = N_FWD
+                else:
+                    row[L.NOTE] = N_PLAIN
+                row[L.VERDICT] = ((ports >> 8) & 0xFF) if d == 0 else (ports & 0xFF)
+                continue
+        if r != NEW:
+            row[L.VERDICT] = drop_code(D_INVALID)
+            continue
+        e, note = _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys,
+                            mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool,
+                            pool_h, static, dnat, cfg, mask, d, timeouts, events, now)
+        if e < 0:
+            row[L.VERDICT] = drop_code(-1 - e)
+            continue
+        row[L.VERDICT] = (vals[e, U_PORTS] >> 8) & 0xFF
+        row[L.NOTE] = note
+    flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
+    tbl_sweep(mstate, mexp, minfo, now, sweep)
+    return n
+
+
+# -- device ----------------------------------------------------------------------------
+
+class Nat(Device):
+    type_name = "nat"
+    config_model = NatConfig
+    drop_reasons = DROPS
+    counters = CT_EVENTS + EVENTS
+    notes = NOTES
+    ticks = True  # expiry goes on while no packet comes
+
+    def __init__(self, name: str, config: NatConfig) -> None:
+        super().__init__(name, config)
+        sn = config.snat
+        pool = pool_addresses(sn.to) if sn else []
+        self.pool = np.array(pool, np.int64)
+        self.pool_h = np.array([int(addr_hash(a, 0, 0, 0)) for a in pool], np.int64)
+        self.static = np.array([(_addr(s.inside), _addr(s.outside)) for s in config.static],
+                               np.int64).reshape(-1, 2)
+        self.dnat = np.array([d.row() for d in config.dnat], np.int64).reshape(-1, 6)
+        lo, hi = _range(sn.ports, "port range") if sn else (1024, 65535)
+        self.cfg = np.array([lo, hi, bool(sn and sn.filtering == "endpoint-independent"),
+                             config.hairpin, sn is not None], np.int64)
+        self.timeouts = timeouts_array(config.timeouts)
+
+    def new_state(self) -> NatState:
+        return NatState(self.config)
+
+    def describe(self) -> str:
+        sn = self.config.snat
+        return (f"{self.name} ({self.type_name}: snat "
+                f"{'to ' + str(sn.to) if sn else 'off'}, {len(self.config.dnat)} port "
+                f"forwards, {len(self.config.static)} static)")
+
+    def process(self, batch, state: NatState, now: float) -> None:
+        t, m = state.ct.table, state.maps
+        batch.n = nat_kernel(
+            batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
+            t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
+            state.ct.key, state.key2, state.mkey, state.tup, self.pool, self.pool_h,
+            self.static, self.dnat, self.cfg, state.bucket_mask, self.timeouts,
+            state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
+        if state.flags[0]:
+            state.events[CT_EVENTS.index("flows_expired")] += t.rebuild(now)
+        if m.needs_rebuild():
+            m.rebuild(now)
