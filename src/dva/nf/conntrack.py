@@ -455,7 +455,7 @@ def ct_related_key(pkt, n, l4, zone, key):
     return True
 
 
-@kernel
+@inline_kernel
 def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, now):
     """Look the IPv4 packet of metadata ``row`` up (parsed: L4 header valid, or a
     protocol without one), without changing any entry. Returns ``(result, entry
@@ -506,7 +506,7 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
     return FOUND, e, 0 if a == ((vals[e, V_FLAGS] & F_ORIG_A) != 0) else 1
 
 
-@kernel
+@inline_kernel
 def ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now):
     """Advance connection ``e`` with the packet of ``row`` in direction ``d``:
     ESTABLISHED (it passes), INVALID, or REOPEN (a new SYN on a closed connection)."""
@@ -538,6 +538,32 @@ def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events
     if r != FOUND:
         return r, e, d
     return ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now), e, d
+
+
+@kernel
+def ct_prefetch(keys, vals, state, expires, key, data, meta, n):
+    """Touch the table slot each TCP/UDP row of the batch will probe first, in a loop
+    of its own: with a table much larger than the caches every lookup misses, and a
+    short loop of independent loads keeps many of those misses in flight at once
+    (the decision loop then finds the lines cached). Returns a checksum of what it
+    read, so that the loads are not optimised away."""
+    mask = state.shape[0] - 1
+    acc = 0
+    for i in range(n):
+        row = meta[i]
+        proto = row[L.PROTO]
+        if row[L.ETYPE] != L.ETH_IPV4 or row[L.PERR] != L.E_OK or row[L.L4_OFF] < 0 \
+                or (proto != L.PROTO_TCP and proto != L.PROTO_UDP):
+            continue
+        s0 = row[L.START]
+        pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
+        l3 = row[L.L3_OFF]
+        l4 = row[L.L4_OFF]
+        ct_make_key(key, row[L.TENANT], proto, rd32(pkt, l3 + 12), rd16(pkt, l4),
+                    rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
+        s = tbl_hash(key) & mask
+        acc += state[s] + keys[s, 0] + vals[s, 0] + i64(expires[s])
+    return acc
 
 
 @kernel

@@ -99,6 +99,7 @@ from dva.nf.conntrack import (
     ct_create,
     ct_delete,
     ct_make_key,
+    ct_prefetch,
     ct_sweep,
     pack32,
     timeouts_array,
@@ -145,7 +146,7 @@ NOTES = ("", "translated", "translated back", "untranslated", "new: source NAT",
 # original tuple O (as its first packet arrived) and E2 keyed by the translated tuple
 # T; both hold O and T in the original direction (src port, dst port; ICMP echo: the
 # identifier in both), the ports (ingress of the first packet | egress << 8) and, in
-# E1, when E2 and the mapping were last refreshed.
+# E1, until when E2 and the mapping were last made to live (microseconds).
 U_KIND = V_USER
 U_O = V_USER + 1  # 4 words: src addr, src port, dst addr, dst port
 U_T = V_USER + 5  # 4 words
@@ -153,8 +154,7 @@ U_PORTS = V_USER + 9
 U_REFRESH = V_USER + 10
 NUSER = 11
 KIND_ORIG, KIND_XLAT = 0, 1
-REFRESH_US = 1_000_000  # E2 and mappings follow E1's expiry, refreshed once a second
-SLACK = 2.0  # seconds E2 and mappings outlive their connection's last refresh
+SLACK = 2.0  # seconds E2 and mappings outlive their connection, beyond the margin
 MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
 # mapping table: key (type << 40 | zone << 8 | proto, pack32(addr, port)), value (addr,
 # port) of the other side. MAP_OUT: inside endpoint -> external; MAP_IN: the reverse.
@@ -564,12 +564,21 @@ def _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static, dnat,
 @kernel
 def _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey,
              e1, zone, proto, now):
-    """E2 and the mapping of connection ``e1`` outlive it: refreshed once a second."""
-    now_us = i64(now * 1e6)
-    if now_us - vals[e1, U_REFRESH] < REFRESH_US:
+    """E2 and the mapping of connection ``e1`` outlive it, by a margin of an eighth
+    of its current timeout (1 s to 60 s): refreshed when that margin is used up, or
+    when it grew past twice that (the timeout shrank, e.g. at FIN), so that a flow
+    pays the extra lookups about once per margin, not per packet."""
+    left = expires[e1] - now
+    margin = left / 8.0
+    if margin < 1.0:
+        margin = 1.0
+    elif margin > 60.0:
+        margin = 60.0
+    until = vals[e1, U_REFRESH] / 1e6
+    if until >= expires[e1] + SLACK and until <= expires[e1] + 2.0 * margin + SLACK:
         return
-    vals[e1, U_REFRESH] = now_us
-    exp = expires[e1] + SLACK
+    exp = expires[e1] + margin + SLACK
+    vals[e1, U_REFRESH] = i64(exp * 1e6)
     t = U_T
     ct_make_key(key2, zone, proto, vals[e1, t], vals[e1, t + 1], vals[e1, t + 2],
                 vals[e1, t + 3])
@@ -650,7 +659,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     vals[e1, U_T + 2] = nda
     vals[e1, U_T + 3] = ndp
     vals[e1, U_PORTS] = inp | (outp << 8)
-    vals[e1, U_REFRESH] = i64(now * 1e6)
+    vals[e1, U_REFRESH] = 0
     if note == N_NEW_PLAIN:
         events[C_PLAIN] += 1
         return e1, note
@@ -668,7 +677,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     vals[e2, U_KIND] = KIND_XLAT
     expires[e2] = expires[e1] + SLACK
     # refresh the mapping to the connection's lifetime
-    vals[e1, U_REFRESH] = -(1 << 60)
+    vals[e1, U_REFRESH] = 0
     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey, e1,
              zone, proto, now)
     _translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
@@ -721,6 +730,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
                dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
+    ct_prefetch(keys, vals, state, expires, key, data, meta, n)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0

@@ -1,0 +1,244 @@
+"""Stateful path on one core, in memory: connection tracking, firewall, firewall + NAT.
+
+    python benchmarks/stateful.py [--flows 1000000] [--runs 5] [--cpu 0]
+                                  [--out benchmarks/results/stateful.json]
+
+Measured, each as the median of ``--runs`` runs interleaved round-robin:
+
+* ``ct_insert`` / ``ct_lookup`` -- the conntrack table alone (key build + insert, or
+  key build + lookup of a random live flow), ``--flows`` UDP flows: operations per
+  second.
+* ``fw_new`` -- parse + the firewall on packets that each open a new UDP flow (rule
+  match, conntrack insert): the rate at which it admits new flows.
+* ``fw_est`` -- parse + the firewall on packets of random established flows among
+  ``--flows``: lookups and state updates.
+* ``fw_nat_est`` -- parse + firewall + NAT (source NAT, bucket-keeping ports) on
+  packets of random established flows among ``--flows`` tracked ones: the edge
+  chain's kernels, batch 256, back to back as a worker runs them.
+
+Frames are 64-byte UDP/IPv4 (checksum 0) from 10.x.y.z inside hosts to one server;
+before each pass a small kernel writes the flow's source address and port into the
+batch's frames (the devices rewrite them; counted in the figure). Every run checks
+that no packet was dropped. Figures print as a table and go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BATCH = 256
+SERVER = 0xC0000209  # 192.0.2.9
+
+
+def build(flows: int):
+    import numpy as np
+
+    from dva._jit import kernel
+    from dva.graph.appliance import parse_appliance
+    from dva.graph.plan import compile_plan
+    from dva.nf.conntrack import ct_make_key
+    from dva.nf.table import tbl_insert, tbl_lookup
+    from dva.packet import layout as L
+    from dva.packet.batch import PacketBatch
+    from dva.packet.build import UDP, Eth, IPv4
+    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+    from dva.packet.parse import parse_batch
+    from dva.packet.pool import PacketPool
+
+    app = parse_appliance(f"""
+appliance: bench
+devices:
+  fw:
+    type: firewall
+    ports: [inside, outside]
+    rules: [{{action: allow, from: inside}}]
+    max_flows: {flows + 16}
+  nat:
+    type: nat
+    ports: [inside, outside]
+    snat: {{to: 198.51.100.2-198.51.100.64}}
+    max_flows: {flows + 16}
+links: [[fw.outside, nat.inside]]
+attach:
+  fw.inside: {{memory: in}}
+  nat.outside: {{memory: out}}
+""")
+    plan = compile_plan(app)
+    fw, nat = plan.devices
+    fws, nats = fw.new_state(), nat.new_state()
+    pool = PacketPool(4 * BATCH)
+    b = PacketBatch(pool, BATCH)
+    tmpl = bytes(Eth(src="02:00:00:00:00:05", dst="02:00:00:00:00:01")
+                 / IPv4(src="10.0.0.1", dst="192.0.2.9") / UDP(sport=1, dport=53, chksum=0)
+                 / bytes(18))
+    for _ in range(BATCH):
+        b.add_frame(tmpl)
+    data, meta = pool.data, b.meta
+    slots, starts = meta[:BATCH, L.SLOT].copy(), meta[:BATCH, L.START].copy()
+
+    @kernel
+    def fill(data, slots, starts, ids, k0):
+        """Frames of flows ids[k0 : k0 + len(slots)]: source 10.a.b.c, port 1024 + ..."""
+        for i in range(slots.shape[0]):
+            f = ids[(k0 + i) % ids.shape[0]]
+            buf = data[slots[i]]
+            s = starts[i]
+            wr32(buf, s + 26, 0x0A000000 | (f >> 4))
+            wr32(buf, s + 30, SERVER)
+            wr16(buf, s + 34, 1024 + (f & 15))
+            wr16(buf, s + 36, 53)
+            wr16(buf, s + 40, 0)
+            wr16(buf, s + 24, 0)
+            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+
+    @kernel
+    def ct_ops(keys, vals, state, bucket, expires, info, key, ids, insert, now):
+        done = 0
+        for i in range(ids.shape[0]):
+            f = ids[i]
+            ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), SERVER, 53)
+            if insert:
+                e = tbl_insert(keys, state, bucket, expires, info, key, f & 4095, now + 1e6,
+                               now)
+            else:
+                e = tbl_lookup(keys, state, expires, info, key, now)
+            done += e >= 0
+        return done
+
+    def fresh_ct():
+        from dva.nf.conntrack import Conntrack
+        return Conntrack(flows + 16)
+
+    rng = np.random.default_rng(1)
+    ids = np.arange(flows, dtype=np.int64)
+    order = rng.permutation(flows).astype(np.int64)
+
+    @kernel
+    def ports_and_drops(meta, n, verdict_ok):
+        """IN_PORT 0 for the next device (the firewall's outside feeds the NAT's
+        inside); counts verdicts other than ``verdict_ok``."""
+        bad = 0
+        for i in range(n):
+            bad += meta[i, L.VERDICT] != verdict_ok
+            meta[i, L.IN_PORT] = 0
+        return bad
+
+    def run_batch(devs, k0, which_ids, now):
+        fill(data, slots, starts, which_ids, k0)
+        b.n = BATCH
+        ports_and_drops(meta, BATCH, -999)
+        parse_batch(data, meta, 0, BATCH, 4095)
+        for dev, st in devs:
+            dev.process(b, st, now)
+            if ports_and_drops(meta, BATCH, 1):
+                raise AssertionError(f"{dev.name} dropped packets: "
+                                     f"{set(meta[:BATCH, L.VERDICT].tolist())}")
+
+    # warm up and fill the tables with every flow (this also compiles everything)
+    t0 = time.perf_counter()
+    for k in range(0, flows, BATCH):
+        run_batch([(fw, fws), (nat, nats)], k, ids, 1.0)
+    fill_s = time.perf_counter() - t0
+    ct = fresh_ct()
+    t = ct.table
+    ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, ct.key, ids[:10], True, 1.0)
+
+    steps = {}
+
+    def ct_insert():
+        c = fresh_ct()
+        t = c.table
+        t0 = time.perf_counter()
+        n = ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, c.key, order, True,
+                   1.0)
+        assert n == flows
+        return flows / (time.perf_counter() - t0)
+
+    lookup_ct = fresh_ct()
+    lt = lookup_ct.table
+    ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info, lookup_ct.key, ids,
+           True, 1.0)
+
+    def ct_lookup():
+        t0 = time.perf_counter()
+        n = ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info,
+                   lookup_ct.key, order, False, 1.0)
+        assert n == flows
+        return flows / (time.perf_counter() - t0)
+
+    new_flow = [flows]  # ids never seen: each packet opens a flow
+
+    def fw_new():
+        st = fw.new_state()
+        nb = min(flows, 262144) // BATCH
+        base = np.arange(nb * BATCH, dtype=np.int64) + 16 * flows
+        t0 = time.perf_counter()
+        for k in range(nb):
+            run_batch([(fw, st)], k * BATCH, base, 2.0)
+        return nb * BATCH / (time.perf_counter() - t0)
+
+    def established(devs):
+        def step():
+            nb = 2000
+            k0 = int(rng.integers(0, flows))
+            t0 = time.perf_counter()
+            for k in range(nb):
+                run_batch(devs, k0 + k * BATCH, order, 3.0)
+            return nb * BATCH / (time.perf_counter() - t0)
+        return step
+
+    steps = {"ct_insert": ct_insert, "ct_lookup": ct_lookup, "fw_new": fw_new,
+             "fw_est": established([(fw, fws)]),
+             "fw_nat_est": established([(fw, fws), (nat, nats)])}
+    del new_flow
+    return steps, fill_s, len(fws.ct.table), len(nats.ct.table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--flows", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cpu", type=int, default=0, help="pin to this CPU (-1: do not)")
+    ap.add_argument("--out", default=str(HERE / "results" / "stateful.json"))
+    a = ap.parse_args()
+    sys.path.insert(0, str(HERE.parent / "src"))
+    if a.cpu >= 0:
+        os.sched_setaffinity(0, {a.cpu})
+    steps, fill_s, fw_n, nat_n = build(a.flows)
+    print(f"tables filled: firewall {fw_n} flows, nat {nat_n} entries, in {fill_s:.1f} s")
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(a.runs):
+        for k, f in steps.items():
+            rates[k].append(f())
+    units = {"ct_insert": "M inserts/s", "ct_lookup": "M lookups/s"}
+    rows = {}
+    print(f"{'what':12} {'median':>10} {'min':>8} {'max':>8}  unit")
+    for k, v in rates.items():
+        m = statistics.median(v) / 1e6
+        print(f"{k:12} {m:10.2f} {min(v) / 1e6:8.2f} {max(v) / 1e6:8.2f}  "
+              f"{units.get(k, 'Mpps')}")
+        rows[k] = {"median": m, "runs": [x / 1e6 for x in v], "unit": units.get(k, "Mpps")}
+    meta = {"command": "python benchmarks/stateful.py " + " ".join(sys.argv[1:]),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, "
+                       f"{platform.python_version()}",
+            "flows": a.flows, "batch": BATCH, "runs": a.runs}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
