@@ -1,14 +1,16 @@
 """``dva demo``: a live appliance between real Linux hosts, verified, then removed.
 
-The lab: two LAN hosts (h1, h2) and an "internet" host (inet) with an HTTP server,
-each a network namespace with a veth to the root namespace. The appliance -- a
-switch for the LAN and a router to the internet side -- runs as a separate
-``dva run`` process attached to those veths with af_packet. The demo then checks real
-traffic: ARP and ping inside the LAN, ping of the router, ping and curl across it
-(with the TTL one less), traceroute showing the router hop, and "Destination Net
-Unreachable" for an address without a route. It stops the appliance (SIGINT),
-prints its final counters, and removes every namespace and link, also on Ctrl-C
-or failure.
+The lab: two LAN hosts (h1, h2, h2 with a web server) and an "internet" host (inet)
+with an HTTP server, each a network namespace with a veth to the root namespace.
+The appliance -- a switch for the LAN, a router, a stateful firewall and a NAT
+(masquerade behind the router's WAN address, a port forward to h2) -- runs as a
+separate ``dva run`` process attached to those veths with af_packet. The demo then
+checks real traffic: ARP and ping inside the LAN, ping of the router, ping and curl
+across it (with the TTL one less), that the internet host sees the NAT address,
+traceroute showing the router hop, "Destination Net Unreachable" for an address
+without a route, the port forward reaching h2 from the internet, and the firewall
+keeping everything else out. It stops the appliance (SIGINT), prints its final
+counters, and removes every namespace and link, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -38,12 +40,27 @@ devices:
     ports:
       lan: {{ip: 10.0.0.1/24}}
       wan: {{ip: 198.51.100.1/24}}
+  fw:
+    type: firewall
+    ports: [inside, outside]
+    default: deny               # stateful: replies of allowed connections pass
+    rules:
+      - {{action: allow, from: inside}}
+      - {{action: allow, from: outside, proto: tcp, dst: 10.0.0.12, dport: 8000}}
+  nat:
+    type: nat
+    ports: [inside, outside]
+    snat: {{to: 198.51.100.1}}   # masquerade behind the router's WAN address
+    dnat:
+      - {{proto: tcp, dport: 8080, to: "10.0.0.12:8000"}}
 links:
   - [lan.gw, r1.lan]
+  - [r1.wan, fw.inside]
+  - [fw.outside, nat.inside]
 attach:
   lan.h1: {{af_packet: {h1}}}
   lan.h2: {{af_packet: {h2}}}
-  r1.wan: {{af_packet: {inet}}}
+  nat.outside: {{af_packet: {inet}}}
 """
 
 
@@ -112,9 +129,13 @@ def run_demo(say=print) -> DemoResult:
         (workdir / "www").mkdir()
         (workdir / "www" / "index.html").write_text("hello from the internet host\n")
         lab.http_server(inet, 8080, str(workdir / "www"))
+        (workdir / "h2www").mkdir()
+        (workdir / "h2www" / "index.html").write_text("hello from h2 behind the NAT\n")
+        lab.http_server(h2, 8000, str(workdir / "h2www"))
         app = workdir / "demo.yaml"
         app.write_text(APPLIANCE.format(h1=h1.outside, h2=h2.outside, inet=inet.outside))
-        say(f"appliance: switch lan (h1, h2) + router r1 (10.0.0.1, 198.51.100.1) on "
+        say(f"appliance: switch lan (h1, h2) + router r1 (10.0.0.1, 198.51.100.1) + "
+            f"firewall fw + nat (masquerade, port 8080 -> h2:8000) on "
             f"{h1.outside}, {h2.outside}, {inet.outside}")
         proc, _ = start_appliance(app, workdir)
         try:
@@ -148,11 +169,23 @@ def run_demo(say=print) -> DemoResult:
             check("inet receives h1's echo requests with TTL 63 (64 - 1 hop)",
                   len(seen_ttl) == 3 and all(t == "63" for t in seen_ttl),
                   f"ttl={','.join(seen_ttl)}")
+            syns = lab.popen(inet, ["tcpdump", "-n", "-l", "-c", "1", "-i", "eth0",
+                                    "tcp dst port 8080 and tcp[tcpflags] & tcp-syn != 0"],
+                             text=True)
+            time.sleep(1.0)
             p = lab.exec(h1, ["curl", "-sS", "--max-time", "10",
                               f"http://{inet.addr}:8080/index.html"], check=False)
-            check("h1 fetches a page from inet with curl through the router",
+            check("h1 fetches a page from inet with curl through router, firewall and NAT",
                   p.returncode == 0 and "hello from the internet host" in p.stdout,
                   p.stdout.strip() or p.stderr.strip())
+            try:
+                seen, _ = syns.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                syns.kill()
+                seen, _ = syns.communicate()
+            src = re.findall(r"IP (\d+\.\d+\.\d+\.\d+)\.\d+ >", seen)
+            check("inet sees the connection come from the NAT address 198.51.100.1",
+                  src == ["198.51.100.1"], ",".join(src) or seen.strip())
             p = lab.exec(h1, ["traceroute", "-n", "-q", "1", "-w", "2", "-m", "4", inet.addr],
                          check=False)
             hops = [ln.split() for ln in p.stdout.splitlines()[1:] if ln.strip()]
@@ -162,6 +195,19 @@ def run_demo(say=print) -> DemoResult:
             p = lab.exec(h1, ["ping", "-c", "1", "-W", "2", "203.0.113.9"], check=False)
             check("a ping to an unrouted address gets Destination Net Unreachable",
                   "Destination Net Unreachable" in p.stdout, _summary(p.stdout))
+            p = lab.exec(inet, ["curl", "-sS", "--max-time", "10",
+                                "http://198.51.100.1:8080/index.html"], check=False)
+            check("inet reaches h2's web server through the NAT's port forward 8080",
+                  p.returncode == 0 and "hello from h2 behind the NAT" in p.stdout,
+                  p.stdout.strip() or p.stderr.strip())
+            p = lab.exec(inet, ["ping", "-c", "2", "-i", "0.2", "-W", "1", h1.addr],
+                         check=False)
+            check("the firewall keeps inet's pings to h1 out (default deny)",
+                  p.returncode != 0 and " 0 received" in p.stdout, _summary(p.stdout))
+            p = lab.exec(inet, ["curl", "-sS", "--max-time", "3",
+                                f"http://{h2.addr}:8001/"], check=False)
+            check("and a connection to a port no rule allows", p.returncode != 0,
+                  p.stderr.strip())
         finally:
             code, counters, stderr = stop_appliance(proc)
             res.appliance_exit = code
