@@ -138,6 +138,24 @@ def test_out_of_window_is_invalid_and_window_scaling_is_honoured():
     assert rig.counters()["fw invalid"] == 1
 
 
+def test_the_clients_window_scale_counts_for_the_servers_segments():
+    """Both sides offer scale 7: a client window of 100 means 12,800 bytes, so the
+    server's segments may start up to 12,800 bytes past the client's ACK (regression: the client's scale was lost)."""
+    rig = Rig(appliance())
+    ws7 = bytes([3, 3, 7, 1])
+    c = Conn(rig)
+    c.out("S", options=ws7, window=64240)
+    f = seg("192.0.2.9", 80, "10.0.0.5", 40000, "SA", 5000, c.seq, window=65535,
+            options=ws7)
+    c.rseq = 5001
+    assert rig.send("outside", [f], 1.0)["inside"]
+    assert c.out("A", window=100)
+    for _ in range(9):  # segments that start inside the 12,800 bytes
+        assert c.back("PA", b"s" * 1460)
+    assert c.back("PA", b"s" * 1460) == []  # this one starts at 13,140: outside
+    assert rig.counters()["fw invalid"] == 1
+
+
 def test_unscaled_window_rejects_what_scaling_would_allow():
     rig = Rig(appliance())
     c = Conn(rig)

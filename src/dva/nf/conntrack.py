@@ -305,8 +305,10 @@ def _syn_window(vals, e, d, end, win, wscale):
         vals[e, V_FLAGS] &= ~(F_WSCALE << d)
         vals[e, V_SCALE + d] = 0
     both = F_WSCALE | (F_WSCALE << 1)
-    if (vals[e, V_FLAGS] & both) != both:
-        # scaling applies only when both sides offered it (RFC 7323 2.2)
+    if d == 1 and (vals[e, V_FLAGS] & both) != both:
+        # Scaling applies only when both sides offered it (RFC 7323 2.2), which is
+        # known at the SYN/ACK; at the SYN the other side has not spoken yet (zeroing
+        # then lost the client's scale: its windows counted 1024x too small).
         vals[e, V_SCALE] = 0
         vals[e, V_SCALE + 1] = 0
 
