@@ -80,7 +80,10 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
 
     With pcap/memory attachments: offline, over the pcap inputs, then print counters.
     With af_packet/tap attachments: live, until SIGINT/SIGTERM (or --duration), with a
-    live view of rates and drops, then print the final counters.
+    live view of rates and drops, then print the final counters. Live, SIGHUP reloads
+    FILE: a valid file becomes the next config generation (connections and counters
+    kept); an invalid one, or one with other attachments, is rejected and the running
+    generation stays.
     """
     from dva.dispatch.live import LIVE_KINDS
 
@@ -119,12 +122,14 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
     from dva.ports.offline import PortError
 
     try:
-        runner = LiveRunner(app, batch_size=batch_size, hop_limit=hop_limit)
+        runner = LiveRunner(app, batch_size=batch_size, hop_limit=hop_limit,
+                            say=lambda line: err.print(line, markup=False))
     except PortError as e:
         err.print(f"error: {e}", markup=False)
         sys.exit(1)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.stop())
+    signal.signal(signal.SIGHUP, lambda *_: runner.request_reload())
     failure = None
     with runner:
         if ready_file:
@@ -142,7 +147,8 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
         out.print_json(json.dumps(counters))
     elif not quiet:
         elapsed = time.monotonic() - runner.started
-        out.print(counters_table(f"{app.qualified_name}: stopped after {elapsed:.1f} s",
+        out.print(counters_table(f"{runner.app.qualified_name}: stopped after "
+                                 f"{elapsed:.1f} s, config generation {runner.generation}",
                                  counters, show_all))
     if failure:
         err.print(f"error: {failure}", markup=False)
@@ -161,7 +167,8 @@ def _live_view(runner, duration) -> None:
         now = time.monotonic()
         c = runner.counters()
         dt = max(now - last["t"], 1e-9)
-        t = Table(title=f"{runner.app.qualified_name}: live (Ctrl-C stops)",
+        t = Table(title=f"{runner.app.qualified_name}: live, config generation "
+                        f"{runner.generation} (Ctrl-C stops, SIGHUP reloads)",
                   title_justify="left")
         for col in ("port", "rx pps", "tx pps", "rx total", "tx total"):
             t.add_column(col, justify="left" if col == "port" else "right")

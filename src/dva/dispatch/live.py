@@ -8,20 +8,40 @@ alone (ARP retries, held packets). ``now`` is the monotonic clock.
 Stops when ``stop()`` is called (the CLI calls it on SIGINT/SIGTERM) or after
 ``duration`` seconds; counters stay readable afterwards. Losses at the ports are
 counted per attachment and reason (``attach X drop/REASON``).
+
+Reload (``request_reload()``; the CLI calls it on SIGHUP): a background thread
+reads the appliance file again, validates it whole and builds the new generation
+(:func:`dva.worker.reload.prepare`, which also compiles kernels a new device type
+needs), while the loop goes on forwarding with the running one. Invalid, or
+attachments that differ from the running ones: rejected with one line per problem,
+the running generation stays. Valid: the old engine keeps forwarding until no device
+holds a packet or ``HOLD_DRAIN`` (1 s) passed, then :func:`dva.worker.reload.swap`
+moves flow state, shared state and counters over between two batches, and the new
+engine takes the next batch. ``generation`` starts at 1 and counts successful
+reloads; a SIGHUP during a reload starts another one after it.
 """
 
 from __future__ import annotations
 
 import select
+import threading
 import time
 from collections.abc import Callable
 
-from dva.graph.appliance import Appliance
+from dva.graph.appliance import Appliance, ApplianceError, load_appliance
 from dva.graph.plan import compile_plan
 from dva.packet.batch import PacketBatch
 from dva.packet.pool import PacketPool
 from dva.ports.offline import PortError
 from dva.worker.engine import DEFAULT_HOP_LIMIT, Engine
+from dva.worker.reload import (
+    HOLD_DRAIN,
+    ReloadRejected,
+    attachment_order,
+    held_packets,
+    prepare,
+    swap,
+)
 
 TICK = 0.1
 LIVE_KINDS = ("af_packet", "tap")
@@ -36,7 +56,7 @@ AF_PACKET_RING = {"frame_timeout_ms": 1, "block_size": 1 << 16, "block_count": 5
 class LiveRunner:
     def __init__(self, app: Appliance, *, batch_size: int = 256,
                  hop_limit: int = DEFAULT_HOP_LIMIT, nbuckets: int = 4096,
-                 pool_slots: int = 32768) -> None:
+                 pool_slots: int = 32768, say: Callable[[str], None] | None = None) -> None:
         from dva.ports.live import open_live
 
         others = [a.ref for a in app.attachments if a.spec.kind not in LIVE_KINDS]
@@ -61,6 +81,14 @@ class LiveRunner:
             raise
         self._stop = False
         self.started = time.monotonic()
+        self.say = say  # reload messages, one line each (also kept in ``messages``)
+        self.messages: list[str] = []
+        self.generation = 1
+        self.reloads_rejected = 0
+        self._reload_requested = False
+        self._job: threading.Thread | None = None  # building the next generation
+        self._built: tuple[Appliance, Engine] | ReloadRejected | None = None  # the job's
+        self._pending: tuple[Appliance, Engine, float] | None = None  # (app, engine, deadline)
 
     def _warm(self) -> None:
         """Compile every kernel traffic will use before any frame arrives: the ports'
@@ -72,6 +100,10 @@ class LiveRunner:
 
     def stop(self) -> None:
         self._stop = True
+
+    def request_reload(self) -> None:
+        """Re-read the appliance file at the next wake-up (safe in a signal handler)."""
+        self._reload_requested = True
 
     def close(self) -> None:
         for p in self.ports:
@@ -99,8 +131,9 @@ class LiveRunner:
             # poll() on a TPACKET_V3 ring reports only some retired blocks (measured:
             # 4 wake-ups in a second at 150k frames/s, the ring overflowing between
             # them), so every port is tried after every wake-up or timeout; the
-            # timeout is short while traffic flows and backs off when idle.
-            poller.poll(1 if idle < IDLE_ROUNDS else int(TICK * 500))
+            # timeout is short while traffic flows (or a reload waits for held
+            # packets) and backs off when idle.
+            poller.poll(1 if idle < IDLE_ROUNDS or self._pending else int(TICK * 500))
             moved = 0
             for a in range(len(self.ports)):
                 moved += self._pump(a)
@@ -109,12 +142,83 @@ class LiveRunner:
             if now >= next_tick:
                 self._deliver(self.engine.tick(now))
                 next_tick = now + TICK
+            if self._reload_requested and self._job is None and self._pending is None:
+                self._reload_requested = False
+                self._job = threading.Thread(target=self._build, args=(self.app.source,),
+                                             name="dva-reload", daemon=True)
+                self._job.start()
+            if self._job is not None and not self._job.is_alive():
+                self._job = None
+                self._built_done()
+            if self._pending is not None and (held_packets(self.engine) == 0
+                                              or time.monotonic() >= self._pending[2]):
+                self._finish_reload(time.monotonic())
             if now >= next_second:
                 self.read_kernel_drops()
                 if every_second is not None:
                     every_second(self)
                 next_second = now + 1.0
+        if self._pending is not None or self._job is not None:
+            self._pending = self._job = None
+            self._tell(f"reload of {self.app.source} abandoned: stopped before the swap; "
+                       f"generation {self.generation} ran to the end")
         self.read_kernel_drops()
+
+    # -- reload ----------------------------------------------------------------------
+    def _tell(self, line: str) -> None:
+        self.messages.append(line)
+        if self.say is not None:
+            self.say(line)
+
+    def _build(self, src: str) -> None:
+        """(The reload thread.) Load, validate and build the new generation; it only
+        reads the running engine (pool, plan, settings), never changes it."""
+        try:
+            app = load_appliance(src)
+            self._built = (app, prepare(app, self.engine))
+        except ApplianceError as e:
+            n = len(e.issues)
+            self._built = ReloadRejected(f"invalid appliance ({n} problem"
+                                         f"{'s' if n != 1 else ''})",
+                                         e.render().splitlines()[1:])
+        except ReloadRejected as e:
+            self._built = ReloadRejected(e.reason, [f"  {p}" for p in e.problems])
+        except Exception as e:  # a config the checks missed must not stop the appliance
+            self._built = ReloadRejected(f"{type(e).__name__}: {e}")
+
+    def _built_done(self) -> None:
+        built, self._built = self._built, None
+        if isinstance(built, ReloadRejected):
+            self.reloads_rejected += 1
+            self._tell(f"reload of {self.app.source} rejected: {built.reason}; generation "
+                       f"{self.generation} keeps running")
+            for p in built.problems:
+                self._tell(p)
+        elif built is not None:
+            self._pending = (*built, time.monotonic() + HOLD_DRAIN)
+
+    def _finish_reload(self, now: float) -> None:
+        """Swap engines between two batches (state, held packets, counters)."""
+        app, engine, _ = self._pending
+        self._pending = None
+        old = self.engine
+        try:
+            report = swap(old, engine, now)
+        except Exception as e:  # a bug in a device's export/import: keep running
+            self._deliver(old.outputs)  # whatever a release of held packets sent
+            self.reloads_rejected += 1
+            self._tell(f"reload of {app.source} rejected: the swap failed ({type(e).__name__}: "
+                       f"{e}); generation {self.generation} keeps running")
+            return
+        self._deliver(report.outputs)  # the old generation's last frames, old port order
+        self.ports = [self.ports[i] for i in attachment_order(old.plan, engine.plan)]
+        self.engine, self.plan, self.app = engine, engine.plan, app
+        self.generation += 1
+        for p in report.problems:
+            self._tell(f"reload of {app.source}: {p}")
+        summary = report.summary()
+        self._tell(f"reloaded {app.source}: generation {self.generation}"
+                   + (f" ({summary})" if summary else ""))
 
     def read_kernel_drops(self) -> None:
         """Fold what the kernel dropped before our rings (ring full) into the ports'
@@ -155,4 +259,6 @@ class LiveRunner:
             c[f"port {att.ref} tx"] = p.tx
             for name, v in p.drops.items():
                 c[f"attach {att.ref} drop/{name}"] = v
+        c["config generation"] = self.generation
+        c["config reloads_rejected"] = self.reloads_rejected
         return c

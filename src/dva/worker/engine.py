@@ -12,7 +12,8 @@ The invariants checked by :meth:`Engine.accounting_errors`:
 
 * per device: ``sum(rx) + emitted + replicas == sum(tx) + sum(drops) + held``;
 * per appliance: every frame that left a device port or came in from outside was
-  received by a device, sent out an attachment, or dropped by the graph.
+  received by a device, sent out an attachment, or dropped by the graph (device
+  counters a config reload restarted at 0 stay in the sums: ``retired_rx``/``_tx``).
 """
 
 from __future__ import annotations
@@ -212,12 +213,18 @@ class Engine:
         self.bucket_mask = nbuckets - 1
         self.hop_limit = hop_limit
         self.states = states or [d.new_state() for d in plan.devices]
+        for st in self.states:  # devices that choose flow buckets (nat) need the count
+            st.bucket_mask = self.bucket_mask
         self.counters = [DeviceCounters.for_device(d) for d in plan.devices]
         nattach = len(plan.attachments)
         self.attach_rx = np.zeros(nattach, np.int64)
         self.attach_tx = np.zeros(nattach, np.int64)
         self.graph_drops = np.zeros(len(GRAPH_DROPS), np.int64)
         self.injected = 0  # packets put straight into a device port (dva trace)
+        # rx and tx of device counters a config reload restarted at 0 (devices removed
+        # or changed, dva.worker.reload): the appliance balance still includes them.
+        self.retired_rx = 0
+        self.retired_tx = 0
         self.nq = plan.ndev + nattach
         self.inq = [PacketBatch(pool, 256) for _ in plan.devices]
         # Output batches are reused: what process() returns is valid until the next call.
@@ -293,11 +300,13 @@ class Engine:
                          self.nq, self.hop_limit, c.tx, c.drops, c.misc, self.graph_drops,
                          self.sr, self.sp, self.ss, self.sq, self.out, self.qstart)
 
-    def tick(self, now: float) -> list[PacketBatch]:
-        """Let devices that act on time alone (``Device.ticks``) run; returns what
-        they sent out of attachments, like :meth:`process`."""
+    def tick(self, now: float, devices: list[int] | None = None) -> list[PacketBatch]:
+        """Let devices that act on time alone (``Device.ticks``; only those among
+        ``devices`` if given) run; returns what they sent out of attachments, like
+        :meth:`process`."""
         outputs = self._fresh_outputs()
-        ticking = [d for d, dev in enumerate(self.plan.devices) if dev.ticks]
+        ticking = [d for d, dev in enumerate(self.plan.devices) if dev.ticks
+                   and (devices is None or d in devices)]
         if ticking:
             self._drain(ticking, outputs, now, ticking=True)
         return outputs
@@ -350,8 +359,8 @@ class Engine:
     # -- accounting -------------------------------------------------------------
     def accounting_errors(self) -> list[str]:
         errs = []
-        dev_in = 0
-        dev_out = 0
+        dev_in = self.retired_rx
+        dev_out = self.retired_tx
         for d, c in zip(self.plan.devices, self.counters):
             lhs = int(c.rx.sum() + c.misc[C_EMITTED] + c.misc[C_REPLICAS])
             rhs = int(c.tx.sum() + c.drops.sum() + c.misc[C_HELD] + c.misc[C_INVALID])
