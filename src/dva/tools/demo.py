@@ -195,6 +195,15 @@ def run_demo(say=print) -> DemoResult:
             p = lab.exec(h1, ["ping", "-c", "1", "-W", "2", "203.0.113.9"], check=False)
             check("a ping to an unrouted address gets Destination Net Unreachable",
                   "Destination Net Unreachable" in p.stdout, _summary(p.stdout))
+            srv = lab.popen(inet, ["iperf3", "-s", "-1", "-p", "5201"], text=True)
+            time.sleep(0.5)
+            p = lab.exec(h1, ["iperf3", "-c", inet.addr, "-p", "5201", "-t", "2", "-J"],
+                         check=False, timeout=30)
+            srv.kill()
+            srv.communicate()
+            rate = _iperf_rate(p.stdout)
+            check("an iperf3 TCP transfer from h1 to inet through router, firewall and NAT",
+                  p.returncode == 0 and rate > 0, f"{rate / 1e6:.0f} Mbit/s")
             p = lab.exec(inet, ["curl", "-sS", "--max-time", "10",
                                 "http://198.51.100.1:8080/index.html"], check=False)
             check("inet reaches h2's web server through the NAT's port forward 8080",
@@ -215,6 +224,14 @@ def run_demo(say=print) -> DemoResult:
             if code != 0:
                 say(f"the appliance exited with {code}: {stderr.strip()}")
     return res
+
+
+def _iperf_rate(out: str) -> float:
+    """Bits per second received, from iperf3 -J output (0 when there is none)."""
+    try:
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def _summary(text: str) -> str:
