@@ -172,6 +172,16 @@ MAXACKWIN = 66000
 MAX_FLOWS_LIMIT = 1 << 24
 
 
+def check_timeouts(v: dict[str, float]) -> dict[str, float]:
+    """Validate a device's ``timeouts:`` (names of ``DEFAULT_TIMEOUTS`` -> seconds)."""
+    for k, secs in v.items():
+        if k not in DEFAULT_TIMEOUTS:
+            raise ValueError(f"unknown timeout {k!r}; known: {', '.join(DEFAULT_TIMEOUTS)}")
+        if not 0 < secs <= 10 * 365 * 86400:
+            raise ValueError(f"timeout {k} must be > 0 seconds (and at most 10 years)")
+    return v
+
+
 def timeouts_array(overrides: dict[str, float] | None = None) -> np.ndarray:
     """The kernels' timeout table from names (``DEFAULT_TIMEOUTS``) -> seconds."""
     t = np.zeros(NTIMEOUTS, np.float64)

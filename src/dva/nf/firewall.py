@@ -67,7 +67,6 @@ from dva._jit import i64, kernel
 from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code
 from dva.nf.conntrack import (
     CT_EVENTS,
-    DEFAULT_TIMEOUTS,
     ESTABLISHED,
     F_ORIG_A,
     INVALID,
@@ -79,6 +78,7 @@ from dva.nf.conntrack import (
     SWEEP_TICK,
     V_FLAGS,
     Conntrack,
+    check_timeouts,
     ct_create,
     ct_delete,
     ct_packet,
@@ -244,13 +244,7 @@ class FirewallConfig(DeviceConfig):
     @field_validator("timeouts")
     @classmethod
     def _timeouts(cls, v):
-        for k, secs in v.items():
-            if k not in DEFAULT_TIMEOUTS:
-                raise ValueError(f"unknown timeout {k!r}; known: "
-                                 f"{', '.join(DEFAULT_TIMEOUTS)}")
-            if not 0 < secs <= 10 * 365 * 86400:
-                raise ValueError(f"timeout {k} must be > 0 seconds (and at most 10 years)")
-        return v
+        return check_timeouts(v)
 
     @model_validator(mode="after")
     def _rules(self) -> FirewallConfig:

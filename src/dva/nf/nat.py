@@ -78,7 +78,6 @@ from dva._jit import i64, kernel
 from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code
 from dva.nf.conntrack import (
     CT_EVENTS,
-    DEFAULT_TIMEOUTS,
     ESTABLISHED,
     F_ORIG_A,
     FOUND,
@@ -94,6 +93,7 @@ from dva.nf.conntrack import (
     V_FLAGS,
     V_USER,
     Conntrack,
+    check_timeouts,
     ct_advance,
     ct_classify,
     ct_create,
@@ -315,13 +315,7 @@ class NatConfig(DeviceConfig):
     @field_validator("timeouts")
     @classmethod
     def _timeouts(cls, v):
-        for k, secs in v.items():
-            if k not in DEFAULT_TIMEOUTS:
-                raise ValueError(f"unknown timeout {k!r}; known: "
-                                 f"{', '.join(DEFAULT_TIMEOUTS)}")
-            if not 0 < secs <= 10 * 365 * 86400:
-                raise ValueError(f"timeout {k} must be > 0 seconds (and at most 10 years)")
-        return v
+        return check_timeouts(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> NatConfig:
