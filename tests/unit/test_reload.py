@@ -119,6 +119,18 @@ def test_an_open_connection_survives_a_rule_change_and_new_ones_meet_the_new_rul
     assert before["fw rule1_hits"] == 1 and after["fw rule1_hits"] == 1
 
 
+def test_a_flush_drops_open_connections_and_they_meet_the_new_rules():
+    rig = Rig(firewall())
+    c = Conn(rig)
+    assert c.open()
+    rep = reload(rig, firewall(extra="    flush: true"), 2.0)
+    assert rep.fresh == {"fw": "its config asks for a flush"}
+    assert rig.state.ct.connections(2.0) == []
+    # the open connection's next segment opens nothing: invalid
+    assert not c.out("PA", b"more", now=2.1)
+    assert rig.counters()["fw drop/invalid"] == 1
+
+
 def test_the_same_file_again_keeps_every_counter():
     rig = Rig(firewall())
     assert Conn(rig).open()

@@ -150,6 +150,9 @@ class Device(ABC):
     # every 100 ms when live), so the device can act on time alone (ARP retries,
     # releasing or dropping held packets).
     ticks: ClassVar[bool] = False
+    # True: a config reload starts this device with fresh state (its config asked for
+    # a flush, e.g. a firewall's ``flush: true``) instead of carrying its flows over.
+    flush_on_reload: bool = False
 
     def __init__(self, name: str, config: DeviceConfig) -> None:
         self.name = name

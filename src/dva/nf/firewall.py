@@ -48,7 +48,8 @@ Behaviour, per frame (drop reasons in ``DROPS``):
 * A SYN on a connection in TIME_WAIT or CLOSE opens a new connection (rules again).
 
 Changing the rules (a new config generation) keeps existing connections: the state
-moves to the new device whole (``export_flows``/``import_flows``).
+moves to the new device whole (``export_flows``/``import_flows``); ``flush: true`` in
+the new config drops them instead (every connection must then pass the new rules).
 
 State (:class:`FirewallState`): the connection table (flow state, by bucket).
 Counters: ``conntrack.CT_EVENTS``, then ``rst_sent``, ``icmp_sent``,
@@ -231,6 +232,7 @@ class FirewallConfig(DeviceConfig):
     rules: list[Rule] = []
     max_flows: int = Field(default=262144, ge=1, le=MAX_FLOWS_LIMIT)
     timeouts: dict[str, float] = {}
+    flush: bool = False  # on a config reload: drop connections instead of keeping them
     fragments: Literal["drop", "allow"] = "drop"
     invalid: Literal["drop", "allow"] = "drop"
 
@@ -512,6 +514,7 @@ class Firewall(Device):
         self.cfg = np.array([ACTIONS[config.default], config.fragments == "allow",
                              config.invalid == "allow"], np.int64)
         self.timeouts = timeouts_array(config.timeouts)
+        self.flush_on_reload = config.flush
 
     def new_state(self) -> FirewallState:
         return FirewallState(self.config)

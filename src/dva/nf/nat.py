@@ -303,6 +303,7 @@ class NatConfig(DeviceConfig):
     hairpin: bool = True
     max_flows: int = Field(default=65536, ge=1, le=MAX_FLOWS_LIMIT // 2)
     timeouts: dict[str, float] = {}
+    flush: bool = False  # on a config reload: drop connections instead of keeping them
 
     @field_validator("ports")
     @classmethod
@@ -853,6 +854,7 @@ class Nat(Device):
         self.cfg = np.array([lo, hi, bool(sn and sn.filtering == "endpoint-independent"),
                              config.hairpin, sn is not None], np.int64)
         self.timeouts = timeouts_array(config.timeouts)
+        self.flush_on_reload = config.flush
 
     def new_state(self) -> NatState:
         return NatState(self.config)

@@ -16,7 +16,8 @@ shared state, and the counters of devices that did not change. In order:
 3. :func:`swap`:
 
    a. :func:`carry_state`: for every device of the new generation with the same name
-      and type as one of the old, the old state's flow tables (every bucket) are
+      and type as one of the old (unless its new config asks for a flush:
+      ``Device.flush_on_reload``), the old state's flow tables (every bucket) are
       imported into the new state; its shared tables too, but only when the device's
       port names are unchanged (the built-in shared tables store port numbers: a
       switch's MAC table, a router's ARP cache). An import that fails (tables of
@@ -149,6 +150,9 @@ def carry_state(old: Engine, new: Engine, now: float, report: SwapReport | None 
         odev = old.plan.devices[o]
         if odev.type_name != dev.type_name:
             report.fresh[dev.name] = f"was a {odev.type_name}"
+            continue
+        if dev.flush_on_reload:
+            report.fresh[dev.name] = "its config asks for a flush"
             continue
         src, dst = old.states[o], new.states[d]
         try:
