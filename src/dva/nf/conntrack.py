@@ -574,7 +574,11 @@ def ct_prefetch(keys, vals, state, expires, key, data, meta, n):
         ct_make_key(key, row[L.TENANT], proto, rd32(pkt, l3 + 12), rd16(pkt, l4),
                     rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
         s = tbl_hash(key) & mask
-        acc += state[s] + keys[s, 0] + vals[s, 0] + i64(expires[s])
+        # every cache line of the slot's value record (NAT records span three)
+        acc += state[s] + keys[s, 0] + i64(expires[s])
+        for w in range(0, vals.shape[1], 8):
+            acc += vals[s, w]
+        acc += vals[s, vals.shape[1] - 1]
     return acc
 
 
