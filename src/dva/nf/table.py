@@ -4,6 +4,10 @@ Every piece of device state that grows with traffic (MAC tables, connection
 tracking, NAT mappings, LB affinity) is one of these, so that bounding, expiry and
 moving state by flow bucket are written once:
 
+* one record per slot (one int64 row, cache-line aligned: state, bucket, expiry,
+  key words, value words), so that a lookup touches one or two cache lines; the
+  kernels take column views of it (``keys``, ``vals``, ``state``, ``bucket``,
+  ``expires``);
 * keys are ``key_words`` int64 words, values ``value_words`` int64 words; each entry
   also has the flow ``bucket`` it belongs to (``-1`` for shared, non-flow state) and
   an ``expires`` time (seconds, same clock as ``now``);
@@ -191,11 +195,20 @@ class HashTable:
         self.key_words = key_words
         self.value_words = value_words
         cap = _slots_for(max_entries)
-        self.keys = np.zeros((cap, key_words), np.int64)
-        self.vals = np.zeros((cap, value_words), np.int64)
-        self.state = np.zeros(cap, np.int8)
-        self.bucket = np.full(cap, -1, np.int64)
-        self.expires = np.zeros(cap, np.float64)
+        # One record per slot, cache-line aligned: state, bucket, expiry, key words,
+        # value words. A lookup then touches one or two cache lines, not one per
+        # array (with a million flows every one of those is a miss). The kernels get
+        # column views of it.
+        width = (3 + key_words + value_words + 7) // 8 * 8
+        raw = np.zeros(cap * width + 8, np.int64)
+        off = (-raw.ctypes.data // 8) % 8
+        self.records = raw[off:off + cap * width].reshape(cap, width)
+        self.state = self.records[:, 0]
+        self.bucket = self.records[:, 1]
+        self.bucket[:] = -1
+        self.expires = self.records[:, 2].view(np.float64)
+        self.keys = self.records[:, 3:3 + key_words]
+        self.vals = self.records[:, 3 + key_words:3 + key_words + value_words]
         self.info = np.zeros(NINFO, np.int64)
         self.info[I_MAX] = max_entries
 
