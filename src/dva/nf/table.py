@@ -198,14 +198,14 @@ class HashTable:
         # One record per slot, cache-line aligned: state, bucket, expiry, key words,
         # value words. A lookup then touches one or two cache lines, not one per
         # array (with a million flows every one of those is a miss). The kernels get
-        # column views of it.
+        # column views of it. Nothing is written here: the zeroed pages stay
+        # unallocated until slots are used (a large idle table costs no memory).
         width = (3 + key_words + value_words + 7) // 8 * 8
         raw = np.zeros(cap * width + 8, np.int64)
         off = (-raw.ctypes.data // 8) % 8
         self.records = raw[off:off + cap * width].reshape(cap, width)
         self.state = self.records[:, 0]
-        self.bucket = self.records[:, 1]
-        self.bucket[:] = -1
+        self.bucket = self.records[:, 1]  # meaningful in used slots only
         self.expires = self.records[:, 2].view(np.float64)
         self.keys = self.records[:, 3:3 + key_words]
         self.vals = self.records[:, 3 + key_words:3 + key_words + value_words]
