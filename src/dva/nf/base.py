@@ -62,6 +62,30 @@ def drop_reason_of(verdict: int) -> int:
     return DROP_BASE - verdict
 
 
+def port_range(v: int | str, what: str = "port range") -> tuple[int, int]:
+    """A port (int) or ``"LO-HI"`` range from a config, as (lo, hi) within 0..65535."""
+    if isinstance(v, bool):
+        raise ValueError(f"bad {what} {v!r}")
+    if isinstance(v, int):
+        lo = hi = v
+    else:
+        parts = str(v).split("-")
+        try:
+            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+        except ValueError:
+            raise ValueError(f"bad {what} {v!r}: expected N or LO-HI") from None
+    if not (0 <= lo <= hi <= 65535):
+        raise ValueError(f"bad {what} {v!r}: ports are 0..65535, LO <= HI")
+    return lo, hi
+
+
+def two_ports(v: list[str], kind: str, note: str = "") -> list[str]:
+    """Check the port list of a two-port (bump in the wire) device."""
+    if len(v) != 2 or v[0] == v[1]:
+        raise ValueError(f"a {kind} has exactly two ports with different names{note}")
+    return v
+
+
 class DeviceConfig(BaseModel):
     """Base of every device config model: strict and immutable."""
 

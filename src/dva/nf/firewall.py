@@ -65,7 +65,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dva._jit import i64, kernel
-from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code
+from dva.nf.base import (
+    Device,
+    DeviceConfig,
+    DeviceState,
+    Name,
+    drop_code,
+    port_range,
+    two_ports,
+)
 from dva.nf.conntrack import (
     CT_EVENTS,
     ESTABLISHED,
@@ -151,22 +159,6 @@ def _net(v: str) -> tuple[int, int]:
     return int(n.network_address), int(n.netmask)
 
 
-def _port_range(v: int | str) -> tuple[int, int]:
-    if isinstance(v, bool):
-        raise ValueError(f"bad port {v!r}")
-    if isinstance(v, int):
-        lo = hi = v
-    else:
-        parts = str(v).split("-")
-        try:
-            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
-        except ValueError:
-            raise ValueError(f"bad port range {v!r}: expected N or LO-HI") from None
-    if not (0 <= lo <= hi <= 65535):
-        raise ValueError(f"bad port range {v!r}: ports are 0..65535, LO <= HI")
-    return lo, hi
-
-
 class Rule(BaseModel):
     """One filter rule (see the module docstring)."""
 
@@ -203,7 +195,7 @@ class Rule(BaseModel):
     @classmethod
     def _ports(cls, v):
         if v is not None:
-            _port_range(v)
+            port_range(v)
         return v
 
     @model_validator(mode="after")
@@ -239,9 +231,7 @@ class FirewallConfig(DeviceConfig):
     @field_validator("ports")
     @classmethod
     def _two_ports(cls, v):
-        if len(v) != 2 or v[0] == v[1]:
-            raise ValueError("a firewall has exactly two ports with different names")
-        return v
+        return two_ports(v, "firewall")
 
     @field_validator("timeouts")
     @classmethod
@@ -269,8 +259,8 @@ def compile_rules(config: FirewallConfig) -> np.ndarray:
     rows = []
     for n, r in enumerate(config.rules):
         frm = -1 if r.from_ == "any" else config.ports.index(r.from_)
-        sp = _port_range(r.sport) if r.sport is not None else (0, 65535)
-        dp = _port_range(r.dport) if r.dport is not None else (0, 65535)
+        sp = port_range(r.sport) if r.sport is not None else (0, 65535)
+        dp = port_range(r.dport) if r.dport is not None else (0, 65535)
         it = -1 if r.icmp_type is None else r.icmp_type
         for s, sm in r.nets("src"):
             for d, dm in r.nets("dst"):

@@ -75,7 +75,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dva._jit import i64, kernel
-from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code
+from dva.nf.base import (
+    Device,
+    DeviceConfig,
+    DeviceState,
+    Name,
+    drop_code,
+    port_range,
+    two_ports,
+)
 from dva.nf.conntrack import (
     CT_EVENTS,
     ESTABLISHED,
@@ -177,22 +185,6 @@ def _addr(v: str) -> int:
     return int(a)
 
 
-def _range(v: int | str, what: str) -> tuple[int, int]:
-    if isinstance(v, bool):
-        raise ValueError(f"bad {what} {v!r}")
-    if isinstance(v, int):
-        lo = hi = v
-    else:
-        parts = str(v).split("-")
-        try:
-            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
-        except ValueError:
-            raise ValueError(f"bad {what} {v!r}: expected N or LO-HI") from None
-    if not (0 <= lo <= hi <= 65535):
-        raise ValueError(f"bad {what} {v!r}: 0..65535, LO <= HI")
-    return lo, hi
-
-
 def pool_addresses(v: str | list[str]) -> list[int]:
     items = [v] if isinstance(v, str) else v
     out: list[int] = []
@@ -229,7 +221,7 @@ class Snat(BaseModel):
     @field_validator("ports")
     @classmethod
     def _ports(cls, v):
-        lo, _ = _range(v, "port range")
+        lo, _ = port_range(v)
         if lo == 0:
             raise ValueError("port 0 cannot be used")
         return v
@@ -246,7 +238,7 @@ class Dnat(BaseModel):
     @field_validator("dport")
     @classmethod
     def _dport(cls, v):
-        _range(v, "port range")
+        port_range(v)
         return v
 
     @field_validator("to")
@@ -268,13 +260,13 @@ class Dnat(BaseModel):
 
     @model_validator(mode="after")
     def _one_port(self) -> Dnat:
-        lo, hi = _range(self.dport, "port range")
+        lo, hi = port_range(self.dport)
         if lo != hi and ":" in self.to:
             raise ValueError("a port range forwards to an address only (ports are kept)")
         return self
 
     def row(self) -> tuple[int, ...]:
-        lo, hi = _range(self.dport, "port range")
+        lo, hi = port_range(self.dport)
         a, _, p = self.to.partition(":")
         return (L.PROTO_TCP if self.proto == "tcp" else L.PROTO_UDP,
                 -1 if self.addr is None else _addr(self.addr), lo, hi, _addr(a),
@@ -308,10 +300,7 @@ class NatConfig(DeviceConfig):
     @field_validator("ports")
     @classmethod
     def _two_ports(cls, v):
-        if len(v) != 2 or v[0] == v[1]:
-            raise ValueError("a nat has exactly two ports with different names "
-                             "(inside first)")
-        return v
+        return two_ports(v, "nat", " (inside first)")
 
     @field_validator("timeouts")
     @classmethod
@@ -328,7 +317,7 @@ class NatConfig(DeviceConfig):
             raise ValueError("static: an outside address is also in the snat pool")
         seen: list[tuple[str, int, int, str | None]] = []
         for i, d in enumerate(self.dnat):
-            lo, hi = _range(d.dport, "port range")
+            lo, hi = port_range(d.dport)
             for p, a, b, addr in seen:
                 if p == d.proto and lo <= b and a <= hi and (addr is None or d.addr is None
                                                               or addr == d.addr):
@@ -850,7 +839,7 @@ class Nat(Device):
         self.static = np.array([(_addr(s.inside), _addr(s.outside)) for s in config.static],
                                np.int64).reshape(-1, 2)
         self.dnat = np.array([d.row() for d in config.dnat], np.int64).reshape(-1, 6)
-        lo, hi = _range(sn.ports, "port range") if sn else (1024, 65535)
+        lo, hi = port_range(sn.ports) if sn else (1024, 65535)
         self.cfg = np.array([lo, hi, bool(sn and sn.filtering == "endpoint-independent"),
                              config.hairpin, sn is not None], np.int64)
         self.timeouts = timeouts_array(config.timeouts)
