@@ -14,6 +14,7 @@ from dva.nf.conntrack import DEFAULT_TIMEOUTS
 from dva.packet.build import TCP, UDP, Eth, IPv4, Raw
 
 IN_MAC, OUT_MAC = "02:00:00:00:00:05", "02:00:00:00:00:01"
+WS7 = bytes([3, 3, 7, 1])  # TCP options: window scale 7, NOP
 
 
 def appliance(rules: str = "[{action: allow, from: inside}]", extra: str = "") -> str:
@@ -59,12 +60,15 @@ class Conn:
         self.rseq += len(payload) + ("S" in flags) + ("F" in flags)
         return self.rig.send("outside", [f], now)["inside"]
 
-    def open(self, now=1.0):
-        self.out("S", now=now)
-        f = seg("192.0.2.9", 80, "10.0.0.5", self.sport, "SA", self.rseq, self.seq)
+    def open(self, now=1.0, options=b"", window=65535, ack_window=65535):
+        """The three-way handshake; SYN and SYN/ACK carry ``options`` (e.g. a window
+        scale), the SYN ``window``, the last ACK ``ack_window``."""
+        self.out("S", now=now, options=options, window=window)
+        f = seg("192.0.2.9", 80, "10.0.0.5", self.sport, "SA", self.rseq, self.seq,
+                options=options)
         self.rseq += 1
         assert self.rig.send("outside", [f], now)["inside"] == [f]
-        assert self.out("A", now=now)
+        assert self.out("A", now=now, window=ack_window)
 
 
 def conns(rig: Rig, now: float) -> list[dict]:
@@ -120,14 +124,8 @@ def test_rst_closes_and_a_new_syn_reopens():
 
 def test_out_of_window_is_invalid_and_window_scaling_is_honoured():
     rig = Rig(appliance())
-    ws7 = bytes([3, 3, 7, 1])  # window scale 7, NOP
     c = Conn(rig)
-    c.out("S", options=ws7, window=64240)
-    f = seg("192.0.2.9", 80, "10.0.0.5", 40000, "SA", 5000, c.seq, window=65535,
-            options=ws7)
-    c.rseq = 5001
-    assert rig.send("outside", [f], 1.0)["inside"]
-    assert c.out("A", window=2000)
+    c.open(options=WS7, window=64240, ack_window=2000)
     assert c.back("A", window=65535)  # windows in SYNs are never scaled; this one is
     # the receiver's window is 65535 << 7 (8 MB): a segment 4 MB ahead is acceptable
     c.seq += 4_000_000
@@ -140,16 +138,11 @@ def test_out_of_window_is_invalid_and_window_scaling_is_honoured():
 
 def test_the_clients_window_scale_counts_for_the_servers_segments():
     """Both sides offer scale 7: a client window of 100 means 12,800 bytes, so the
-    server's segments may start up to 12,800 bytes past the client's ACK (regression: the client's scale was lost)."""
+    server's segments may start up to 12,800 bytes past the client's ACK
+    (regression: the client's scale was lost)."""
     rig = Rig(appliance())
-    ws7 = bytes([3, 3, 7, 1])
     c = Conn(rig)
-    c.out("S", options=ws7, window=64240)
-    f = seg("192.0.2.9", 80, "10.0.0.5", 40000, "SA", 5000, c.seq, window=65535,
-            options=ws7)
-    c.rseq = 5001
-    assert rig.send("outside", [f], 1.0)["inside"]
-    assert c.out("A", window=100)
+    c.open(options=WS7, window=64240, ack_window=100)
     for _ in range(9):  # segments that start inside the 12,800 bytes
         assert c.back("PA", b"s" * 1460)
     assert c.back("PA", b"s" * 1460) == []  # this one starts at 13,140: outside
