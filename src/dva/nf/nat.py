@@ -74,7 +74,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import i64, kernel
+from dva._jit import kernel
 from dva.nf.base import (
     Device,
     DeviceConfig,
@@ -99,7 +99,6 @@ from dva.nf.conntrack import (
     SWEEP_TICK,
     UNTRACKED,
     V_FLAGS,
-    V_USER,
     Conntrack,
     check_timeouts,
     ct_advance,
@@ -113,16 +112,25 @@ from dva.nf.conntrack import (
     timeouts_array,
 )
 from dva.nf.table import I_EXPIRED, I_LIVE, I_MAX, HashTable, tbl_insert, tbl_lookup, tbl_sweep
+from dva.nf.xlat import (
+    KIND_ORIG,
+    KIND_XLAT,
+    NUSER,
+    SLACK,
+    U_KIND,
+    U_O,
+    U_PORTS,
+    U_REFRESH,
+    U_T,
+    icmp_error_xlat,
+    read_tuple,
+    refresh_due,
+    touch_e2,
+    translate,
+)
 from dva.packet import layout as L
 from dva.packet.checksum import (
-    csum_add,
-    csum_fold,
-    csum_update16,
-    csum_update32,
     rd16,
-    rd32,
-    wr16,
-    wr32,
 )
 from dva.packet.parse import addr_hash, bucket_port, echo_id
 
@@ -150,19 +158,7 @@ NOTES = ("", "translated", "translated back", "untranslated", "new: source NAT",
 (N_FWD, N_BACK, N_PLAIN, N_SNAT, N_DNAT, N_HAIRPIN, N_NEW_PLAIN, N_ARP,
  N_ICMP) = range(1, len(NOTES))
 
-# conntrack user words. Each translated connection has two entries: E1 keyed by the
-# original tuple O (as its first packet arrived) and E2 keyed by the translated tuple
-# T; both hold O and T in the original direction (src port, dst port; ICMP echo: the
-# identifier in both), the ports (ingress of the first packet | egress << 8) and, in
-# E1, until when E2 and the mapping were last made to live (microseconds).
-U_KIND = V_USER
-U_O = V_USER + 1  # 4 words: src addr, src port, dst addr, dst port
-U_T = V_USER + 5  # 4 words
-U_PORTS = V_USER + 9
-U_REFRESH = V_USER + 10
-NUSER = 11
-KIND_ORIG, KIND_XLAT = 0, 1
-SLACK = 2.0  # seconds E2 and mappings outlive their connection, beyond the margin
+# conntrack user words: the translated-connection layout of dva.nf.xlat (E1, E2).
 MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
 # mapping table: key (type << 40 | zone << 8 | proto, pack32(addr, port)), value (addr,
 # port) of the other side. MAP_OUT: inside endpoint -> external; MAP_IN: the reverse.
@@ -346,96 +342,6 @@ class NatState(DeviceState):
 # -- kernels ---------------------------------------------------------------------------
 
 @kernel
-def _l4_csum_off(proto):
-    if proto == L.PROTO_TCP:
-        return 16
-    if proto == L.PROTO_UDP:
-        return 6
-    return 2  # ICMP
-
-
-@kernel
-def _fix_l4(pkt, l4, end, proto, old, new, is_addr):
-    """Update the TCP/UDP/ICMP checksum at ``l4`` (if it lies before ``end``) for one
-    changed 32-bit address (pseudo-header: not for ICMP) or 16-bit port/identifier."""
-    if proto != L.PROTO_TCP and proto != L.PROTO_UDP and proto != L.PROTO_ICMP:
-        return
-    if is_addr and proto == L.PROTO_ICMP:
-        return  # no pseudo-header
-    c = l4 + _l4_csum_off(proto)
-    if c + 2 > end:
-        return
-    cs = rd16(pkt, c)
-    if proto == L.PROTO_UDP and cs == 0:
-        return  # sent without a checksum
-    if is_addr:
-        cs = csum_update32(cs, old, new)
-    else:
-        cs = csum_update16(cs, old, new)
-    wr16(pkt, c, 0xFFFF if (proto == L.PROTO_UDP and cs == 0) else cs)
-
-
-@kernel
-def _put_endpoint(pkt, l3, l4, end, proto, which, addr, port):
-    """Give the header at ``l3`` (transport at ``l4``, bytes up to ``end``) a new
-    source (which 0) or destination (1) endpoint, with every checksum it covers."""
-    off = l3 + 12 + 4 * which
-    old = rd32(pkt, off)
-    if old != addr:
-        wr32(pkt, off, addr)
-        wr16(pkt, l3 + 10, csum_update32(rd16(pkt, l3 + 10), old, addr))
-        _fix_l4(pkt, l4, end, proto, old, addr, True)
-    if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
-        po = l4 + 2 * which
-    elif proto == L.PROTO_ICMP:
-        po = l4 + 4
-    else:
-        return
-    if po + 2 > end:
-        return
-    oldp = rd16(pkt, po)
-    if oldp != port:
-        wr16(pkt, po, port)
-        _fix_l4(pkt, l4, end, proto, oldp, port, False)
-
-
-@kernel
-def _read_tuple(pkt, l3, l4, end, proto, tup):
-    """(src, sport, dst, dport) into ``tup``; ICMP echo: the identifier both ways;
-    fields beyond ``end`` read as 0."""
-    tup[0] = rd32(pkt, l3 + 12)
-    tup[2] = rd32(pkt, l3 + 16)
-    tup[1] = 0
-    tup[3] = 0
-    if (proto == L.PROTO_TCP or proto == L.PROTO_UDP) and l4 + 4 <= end:
-        tup[1] = rd16(pkt, l4)
-        tup[3] = rd16(pkt, l4 + 2)
-    elif proto == L.PROTO_ICMP and l4 + 6 <= end:
-        tup[1] = rd16(pkt, l4 + 4)
-        tup[3] = tup[1]
-
-
-@kernel
-def _xlat(vals, e, f, g, a, p):
-    """Endpoint (a, p) of space ``f`` (U_O or U_T) in space ``g``: (addr, port)."""
-    if a == vals[e, f] and p == vals[e, f + 1]:
-        return vals[e, g], vals[e, g + 1]
-    if a == vals[e, f + 2] and p == vals[e, f + 3]:
-        return vals[e, g + 2], vals[e, g + 3]
-    return a, p
-
-
-@kernel
-def _translate(pkt, l3, l4, end, proto, vals, e, f, g, tup):
-    """Rewrite the packet's tuple from space ``f`` to space ``g`` of connection e."""
-    _read_tuple(pkt, l3, l4, end, proto, tup)
-    sa, sp = _xlat(vals, e, f, g, tup[0], tup[1])
-    da, dp = _xlat(vals, e, f, g, tup[2], tup[3])
-    _put_endpoint(pkt, l3, l4, end, proto, 0, sa, sp)
-    _put_endpoint(pkt, l3, l4, end, proto, 1, da, dp)
-
-
-@kernel
 def _map_key(mkey, kind, zone, proto, addr, port):
     mkey[0] = (kind << 40) | ((zone & 0xFFFFFFFF) << 8) | proto
     mkey[1] = pack32(addr, port)
@@ -548,27 +454,13 @@ def _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static, dnat,
 @kernel
 def _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey,
              e1, zone, proto, now):
-    """E2 and the mapping of connection ``e1`` outlive it, by a margin of an eighth
-    of its current timeout (1 s to 60 s): refreshed when that margin is used up, or
-    when it grew past twice that (the timeout shrank, e.g. at FIN), so that a flow
-    pays the extra lookups about once per margin, not per packet."""
-    left = expires[e1] - now
-    margin = left / 8.0
-    if margin < 1.0:
-        margin = 1.0
-    elif margin > 60.0:
-        margin = 60.0
-    until = vals[e1, U_REFRESH] / 1e6
-    if until >= expires[e1] + SLACK and until <= expires[e1] + 2.0 * margin + SLACK:
+    """Keep E2 and the mapping of connection ``e1`` alive as long as it
+    (:func:`dva.nf.xlat.refresh_due`)."""
+    exp = refresh_due(vals, expires, e1, now)
+    if exp < 0.0:
         return
-    exp = expires[e1] + margin + SLACK
-    vals[e1, U_REFRESH] = i64(exp * 1e6)
+    touch_e2(keys, state, expires, info, vals, key2, e1, zone, proto, exp, now)
     t = U_T
-    ct_make_key(key2, zone, proto, vals[e1, t], vals[e1, t + 1], vals[e1, t + 2],
-                vals[e1, t + 3])
-    e2 = tbl_lookup(keys, state, expires, info, key2, now)
-    if e2 >= 0 and e2 != e1:
-        expires[e2] = exp
     if vals[e1, U_O] != vals[e1, t] or vals[e1, U_O + 1] != vals[e1, t + 1]:
         for kind in range(2):
             if kind == MAP_OUT:
@@ -594,7 +486,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     proto = row[L.PROTO]
     zone = row[L.TENANT]
     inp = row[L.IN_PORT]
-    _read_tuple(pkt, l3, l4, end, proto, tup)
+    read_tuple(pkt, l3, l4, end, proto, tup)
     sa, sp, da, dp = tup[0], tup[1], tup[2], tup[3]
     nsa, nsp, nda, ndp = sa, sp, da, dp
     outp = 1 - inp
@@ -664,7 +556,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     vals[e1, U_REFRESH] = 0
     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey, e1,
              zone, proto, now)
-    _translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
+    translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
     if note == N_SNAT:
         events[C_SNAT] += 1
     elif note == N_DNAT:
@@ -672,40 +564,6 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     else:
         events[C_HAIRPIN] += 1
     return e1, note
-
-
-@kernel
-def _icmp_error(data, row, vals, e, tup):
-    """Translate an ICMP error whose quoted packet belongs to connection entry ``e``
-    (found by the quoted tuple): the quoted header into the other space of the
-    connection, the outer destination (the quoted packet's source) and source (if it
-    is the quoted destination) alike, the ICMP checksum recomputed. Returns the port
-    toward the quoted packet's source."""
-    s = row[L.START]
-    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
-    l3 = row[L.L3_OFF]
-    l4 = row[L.L4_OFF]
-    end = l3 + rd16(pkt, l3 + 2)
-    q = l4 + 8
-    il4 = q + (i64(pkt[q]) & 0xF) * 4
-    iproto = i64(pkt[q + 9])
-    f = U_T if vals[e, U_KIND] == KIND_XLAT else U_O
-    g = U_O if f == U_T else U_T
-    _read_tuple(pkt, q, il4, end, iproto, tup)
-    qa, qp, ra, rp = tup[0], tup[1], tup[2], tup[3]
-    from_orig_src = qa == vals[e, f] and qp == vals[e, f + 1]
-    nqa, nqp = _xlat(vals, e, f, g, qa, qp)
-    nra, nrp = _xlat(vals, e, f, g, ra, rp)
-    _put_endpoint(pkt, q, il4, end, iproto, 0, nqa, nqp)
-    _put_endpoint(pkt, q, il4, end, iproto, 1, nra, nrp)
-    osrc = rd32(pkt, l3 + 12)
-    _put_endpoint(pkt, l3, l4, end, 255, 1, nqa, 0)
-    if osrc == ra:
-        _put_endpoint(pkt, l3, l4, end, 255, 0, nra, 0)
-    wr16(pkt, l4 + 2, 0)
-    wr16(pkt, l4 + 2, csum_fold(csum_add(pkt, l4, end - l4, 0)))
-    ports = vals[e, U_PORTS]
-    return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
 
 
 @kernel
@@ -739,7 +597,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
         r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events, 0,
                               now)
         if r == RELATED:
-            row[L.VERDICT] = _icmp_error(data, row, vals, e, tup)
+            row[L.VERDICT] = icmp_error_xlat(data, row, vals, e, tup)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
             continue
@@ -761,7 +619,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
             # a packet of the translated tuple: back to the original one, then the
             # connection's own entry (E1) judges it
             e2 = e
-            _translate(pkt, l3, l4, end, proto, vals, e2, U_T, U_O, tup)
+            translate(pkt, l3, l4, end, proto, vals, e2, U_T, U_O, tup)
             ports = vals[e2, U_PORTS]
             r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events,
                                   0, now)
@@ -796,7 +654,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
                     if d == 1:
                         row[L.VERDICT] = drop_code(D_INVALID)  # a reply not to the mapping
                         continue
-                    _translate(pkt, l3, l4, end, proto, vals, e, U_O, U_T, tup)
+                    translate(pkt, l3, l4, end, proto, vals, e, U_O, U_T, tup)
                     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo,
                              key2, mkey, e, zone, proto, now)
                     row[L.NOTE] = N_FWD

@@ -1,0 +1,195 @@
+"""Address translation shared by the devices that rewrite connections (nat, lb).
+
+A translated connection has two conntrack entries (:mod:`dva.nf.conntrack`): **E1**
+keyed by the original tuple O (as its first packet arrived) and **E2** keyed by the
+translated tuple T. Both hold O and T in the original direction (user words
+``U_O``/``U_T``: src addr, src port, dst addr, dst port; an ICMP echo's identifier
+in both port words), the device ports (ingress of the first packet | egress << 8)
+and, in E1, until when E2 (and a device's own side tables) were last made to live.
+
+The kernels here rewrite a packet from one space to the other with incremental
+checksum updates (RFC 1624), translate ICMP errors about a connection (RFC 5508:
+outer address, quoted header, checksums), and keep E2 alive as long as E1.
+"""
+
+from __future__ import annotations
+
+from dva._jit import i64, kernel
+from dva.nf.conntrack import V_USER, ct_make_key
+from dva.nf.table import tbl_lookup
+from dva.packet import layout as L
+from dva.packet.checksum import (
+    csum_add,
+    csum_fold,
+    csum_update16,
+    csum_update32,
+    rd16,
+    rd32,
+    wr16,
+    wr32,
+)
+
+U_KIND = V_USER
+U_O = V_USER + 1  # 4 words: src addr, src port, dst addr, dst port
+U_T = V_USER + 5  # 4 words
+U_PORTS = V_USER + 9
+U_REFRESH = V_USER + 10  # E1: until when E2 lives (microseconds)
+NUSER = 11  # user words of a translated connection (a device may add its own after)
+KIND_ORIG, KIND_XLAT = 0, 1
+SLACK = 2.0  # seconds E2 outlives its connection, beyond the refresh margin
+
+
+@kernel
+def l4_csum_off(proto):
+    if proto == L.PROTO_TCP:
+        return 16
+    if proto == L.PROTO_UDP:
+        return 6
+    return 2  # ICMP
+
+
+@kernel
+def fix_l4(pkt, l4, end, proto, old, new, is_addr):
+    """Update the TCP/UDP/ICMP checksum at ``l4`` (if it lies before ``end``) for one
+    changed 32-bit address (pseudo-header: not for ICMP) or 16-bit port/identifier."""
+    if proto != L.PROTO_TCP and proto != L.PROTO_UDP and proto != L.PROTO_ICMP:
+        return
+    if is_addr and proto == L.PROTO_ICMP:
+        return  # no pseudo-header
+    c = l4 + l4_csum_off(proto)
+    if c + 2 > end:
+        return
+    cs = rd16(pkt, c)
+    if proto == L.PROTO_UDP and cs == 0:
+        return  # sent without a checksum
+    if is_addr:
+        cs = csum_update32(cs, old, new)
+    else:
+        cs = csum_update16(cs, old, new)
+    wr16(pkt, c, 0xFFFF if (proto == L.PROTO_UDP and cs == 0) else cs)
+
+
+@kernel
+def put_endpoint(pkt, l3, l4, end, proto, which, addr, port):
+    """Give the header at ``l3`` (transport at ``l4``, bytes up to ``end``) a new
+    source (which 0) or destination (1) endpoint, with every checksum it covers."""
+    off = l3 + 12 + 4 * which
+    old = rd32(pkt, off)
+    if old != addr:
+        wr32(pkt, off, addr)
+        wr16(pkt, l3 + 10, csum_update32(rd16(pkt, l3 + 10), old, addr))
+        fix_l4(pkt, l4, end, proto, old, addr, True)
+    if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
+        po = l4 + 2 * which
+    elif proto == L.PROTO_ICMP:
+        po = l4 + 4
+    else:
+        return
+    if po + 2 > end:
+        return
+    oldp = rd16(pkt, po)
+    if oldp != port:
+        wr16(pkt, po, port)
+        fix_l4(pkt, l4, end, proto, oldp, port, False)
+
+
+@kernel
+def read_tuple(pkt, l3, l4, end, proto, tup):
+    """(src, sport, dst, dport) into ``tup``; ICMP echo: the identifier both ways;
+    fields beyond ``end`` read as 0."""
+    tup[0] = rd32(pkt, l3 + 12)
+    tup[2] = rd32(pkt, l3 + 16)
+    tup[1] = 0
+    tup[3] = 0
+    if (proto == L.PROTO_TCP or proto == L.PROTO_UDP) and l4 + 4 <= end:
+        tup[1] = rd16(pkt, l4)
+        tup[3] = rd16(pkt, l4 + 2)
+    elif proto == L.PROTO_ICMP and l4 + 6 <= end:
+        tup[1] = rd16(pkt, l4 + 4)
+        tup[3] = tup[1]
+
+
+@kernel
+def xlat_endpoint(vals, e, f, g, a, p):
+    """Endpoint (a, p) of space ``f`` (U_O or U_T) in space ``g``: (addr, port)."""
+    if a == vals[e, f] and p == vals[e, f + 1]:
+        return vals[e, g], vals[e, g + 1]
+    if a == vals[e, f + 2] and p == vals[e, f + 3]:
+        return vals[e, g + 2], vals[e, g + 3]
+    return a, p
+
+
+@kernel
+def translate(pkt, l3, l4, end, proto, vals, e, f, g, tup):
+    """Rewrite the packet's tuple from space ``f`` to space ``g`` of connection e."""
+    read_tuple(pkt, l3, l4, end, proto, tup)
+    sa, sp = xlat_endpoint(vals, e, f, g, tup[0], tup[1])
+    da, dp = xlat_endpoint(vals, e, f, g, tup[2], tup[3])
+    put_endpoint(pkt, l3, l4, end, proto, 0, sa, sp)
+    put_endpoint(pkt, l3, l4, end, proto, 1, da, dp)
+
+
+@kernel
+def icmp_error_xlat(data, row, vals, e, tup):
+    """Translate an ICMP error whose quoted packet belongs to connection entry ``e``
+    (found by the quoted tuple): the quoted header into the other space of the
+    connection, the outer destination (the quoted packet's source) and source (if it
+    is the quoted destination) alike, the ICMP checksum recomputed. Returns the port
+    toward the quoted packet's source."""
+    s = row[L.START]
+    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
+    l3 = row[L.L3_OFF]
+    l4 = row[L.L4_OFF]
+    end = l3 + rd16(pkt, l3 + 2)
+    q = l4 + 8
+    il4 = q + (i64(pkt[q]) & 0xF) * 4
+    iproto = i64(pkt[q + 9])
+    f = U_T if vals[e, U_KIND] == KIND_XLAT else U_O
+    g = U_O if f == U_T else U_T
+    read_tuple(pkt, q, il4, end, iproto, tup)
+    qa, qp, ra, rp = tup[0], tup[1], tup[2], tup[3]
+    from_orig_src = qa == vals[e, f] and qp == vals[e, f + 1]
+    nqa, nqp = xlat_endpoint(vals, e, f, g, qa, qp)
+    nra, nrp = xlat_endpoint(vals, e, f, g, ra, rp)
+    put_endpoint(pkt, q, il4, end, iproto, 0, nqa, nqp)
+    put_endpoint(pkt, q, il4, end, iproto, 1, nra, nrp)
+    osrc = rd32(pkt, l3 + 12)
+    put_endpoint(pkt, l3, l4, end, 255, 1, nqa, 0)
+    if osrc == ra:
+        put_endpoint(pkt, l3, l4, end, 255, 0, nra, 0)
+    wr16(pkt, l4 + 2, 0)
+    wr16(pkt, l4 + 2, csum_fold(csum_add(pkt, l4, end - l4, 0)))
+    ports = vals[e, U_PORTS]
+    return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
+
+
+@kernel
+def refresh_due(vals, expires, e1, now):
+    """E2 (and a device's side entries) outlive connection ``e1`` by a margin of an
+    eighth of its current timeout (1 s to 60 s). Returns the new expiry when it is
+    time to extend them -- the margin is used up, or it grew past twice that (the
+    timeout shrank, e.g. at FIN) -- and records it in E1; else -1.0. A flow thus
+    pays the extra lookups about once per margin, not per packet."""
+    left = expires[e1] - now
+    margin = left / 8.0
+    if margin < 1.0:
+        margin = 1.0
+    elif margin > 60.0:
+        margin = 60.0
+    until = vals[e1, U_REFRESH] / 1e6
+    if until >= expires[e1] + SLACK and until <= expires[e1] + 2.0 * margin + SLACK:
+        return -1.0
+    exp = expires[e1] + margin + SLACK
+    vals[e1, U_REFRESH] = i64(exp * 1e6)
+    return exp
+
+
+@kernel
+def touch_e2(keys, state, expires, info, vals, key2, e1, zone, proto, exp, now):
+    """Make E2 of connection ``e1`` live until ``exp``."""
+    t = U_T
+    ct_make_key(key2, zone, proto, vals[e1, t], vals[e1, t + 1], vals[e1, t + 2],
+                vals[e1, t + 3])
+    e2 = tbl_lookup(keys, state, expires, info, key2, now)
+    if e2 >= 0 and e2 != e1:
+        expires[e2] = exp
