@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dva.nf.base import Device
 from dva.nf.firewall import Firewall
+from dva.nf.lb import Lb
 from dva.nf.nat import Nat
 from dva.nf.router import Router
 from dva.nf.switch import Switch
@@ -17,6 +18,7 @@ _BUILTIN: dict[str, type[Device]] = {
     Router.type_name: Router,
     Firewall.type_name: Firewall,
     Nat.type_name: Nat,
+    Lb.type_name: Lb,
 }
 _types: dict[str, type[Device]] = dict(_BUILTIN)
 

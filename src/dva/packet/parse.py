@@ -91,15 +91,22 @@ def endpoint_term(ah, port):
 
 
 @kernel
-def bucket_port(ah_old, port, ah_new, mask):
-    """The port ``p'`` (modulo ``mask + 1``) that gives the endpoint with address hash
-    ``ah_new`` the bucket-hash term of ``(ah_old, port)``: a NAT adds multiples of
-    ``mask + 1`` to bring it into its port range."""
+def term_port(term, ah_new, mask):
+    """The port ``p`` (modulo ``mask + 1``) whose endpoint term with address hash
+    ``ah_new`` is ``term`` modulo ``mask + 1``."""
     m = (ah_new >> 15) | 1
     inv = m  # Newton's iteration for 1/m modulo 2**32: each step doubles the bits
     for _ in range(5):
         inv = (inv * (2 - m * inv)) & M32
-    return (((endpoint_term(ah_old, port) - ah_new) & M32) * inv) & mask
+    return (((term - ah_new) & M32) * inv) & mask
+
+
+@kernel
+def bucket_port(ah_old, port, ah_new, mask):
+    """The port ``p'`` (modulo ``mask + 1``) that gives the endpoint with address hash
+    ``ah_new`` the bucket-hash term of ``(ah_old, port)``: a NAT adds multiples of
+    ``mask + 1`` to bring it into its port range."""
+    return term_port(endpoint_term(ah_old, port), ah_new, mask)
 
 
 @kernel
