@@ -10,6 +10,7 @@ from dva.nf.base import Device
 from dva.nf.firewall import Firewall
 from dva.nf.lb import Lb
 from dva.nf.nat import Nat
+from dva.nf.policer import Policer
 from dva.nf.router import Router
 from dva.nf.switch import Switch
 
@@ -19,6 +20,7 @@ _BUILTIN: dict[str, type[Device]] = {
     Firewall.type_name: Firewall,
     Nat.type_name: Nat,
     Lb.type_name: Lb,
+    Policer.type_name: Policer,
 }
 _types: dict[str, type[Device]] = dict(_BUILTIN)
 
