@@ -74,8 +74,13 @@ def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Tabl
               help="Live: stop after this many seconds.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Live: create this file once every port is open and traffic flows.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Where devices keep state across restarts (DHCP leases), as "
+                   "DIR/TENANT/APPLIANCE/DEVICE.state. Live default: $DVA_STATE_DIR, "
+                   "else /var/lib/dva; offline runs keep state only with this option.")
 def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: bool,
-        quiet: bool, duration: float | None, ready_file: str | None) -> None:
+        quiet: bool, duration: float | None, ready_file: str | None,
+        state_dir: str | None) -> None:
     """Run the appliance in FILE.
 
     With pcap/memory attachments: offline, over the pcap inputs, then print counters.
@@ -83,23 +88,31 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
     live view of rates and drops, then print the final counters. Live, SIGHUP reloads
     FILE: a valid file becomes the next config generation (connections and counters
     kept); an invalid one, or one with other attachments, is rejected and the running
-    generation stays.
+    generation stays. Devices that keep state (DHCP leases) load it at start and save it
+    after changes and at the end (see --state-dir).
     """
+    import os
+
     from dva.dispatch.live import LIVE_KINDS
+    from dva.worker.persist import DEFAULT_DIR
 
     app = _load(file)
     if any(a.spec.kind in LIVE_KINDS for a in app.attachments):
-        _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file)
+        state_dir = state_dir or os.environ.get("DVA_STATE_DIR") or DEFAULT_DIR
+        _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file,
+                  state_dir)
     else:
-        _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet)
+        _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet, state_dir)
 
 
-def _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet) -> None:
+def _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet, state_dir) -> None:
     from dva.dispatch.offline import OfflineRunner
     from dva.ports.offline import PortError
 
     try:
-        with OfflineRunner(app, batch_size=batch_size, hop_limit=hop_limit) as r:
+        with OfflineRunner(app, batch_size=batch_size, hop_limit=hop_limit,
+                           state_dir=state_dir,
+                           say=lambda line: err.print(line, markup=False)) as r:
             res = r.run()
     except PortError as e:
         err.print(f"error: {e}", markup=False)
@@ -115,7 +128,7 @@ def _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet) -> None:
 
 
 def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
-              ready_file) -> None:
+              ready_file, state_dir) -> None:
     import signal
 
     from dva.dispatch.live import LiveRunner
@@ -123,7 +136,8 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
 
     try:
         runner = LiveRunner(app, batch_size=batch_size, hop_limit=hop_limit,
-                            say=lambda line: err.print(line, markup=False))
+                            say=lambda line: err.print(line, markup=False),
+                            state_dir=state_dir)
     except PortError as e:
         err.print(f"error: {e}", markup=False)
         sys.exit(1)

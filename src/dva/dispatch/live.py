@@ -19,6 +19,13 @@ holds a packet or ``HOLD_DRAIN`` (1 s) passed, then :func:`dva.worker.reload.swa
 moves flow state, shared state and counters over between two batches, and the new
 engine takes the next batch. ``generation`` starts at 1 and counts successful
 reloads; a SIGHUP during a reload starts another one after it.
+
+Persisted state (``state_dir``; :mod:`dva.worker.persist`): devices that keep state
+across restarts (DHCP leases) are loaded from ``state_dir/<tenant>/<appliance>/`` when
+the runner starts, saved on ticks after their state changed (at most every
+``SAVE_INTERVAL``) and when ``run`` ends. The files store wall-clock expiry (the
+offset between ``time.time()`` and the monotonic ``now``), so a restart, even after a
+reboot, keeps each lease's remaining time.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from dva.packet.batch import PacketBatch
 from dva.packet.pool import PacketPool
 from dva.ports.offline import PortError
 from dva.worker.engine import DEFAULT_HOP_LIMIT, Engine
+from dva.worker.persist import Persistence, live_offset
 from dva.worker.reload import (
     HOLD_DRAIN,
     ReloadRejected,
@@ -56,7 +64,8 @@ AF_PACKET_RING = {"frame_timeout_ms": 1, "block_size": 1 << 16, "block_count": 5
 class LiveRunner:
     def __init__(self, app: Appliance, *, batch_size: int = 256,
                  hop_limit: int = DEFAULT_HOP_LIMIT, nbuckets: int = 4096,
-                 pool_slots: int = 32768, say: Callable[[str], None] | None = None) -> None:
+                 pool_slots: int = 32768, say: Callable[[str], None] | None = None,
+                 state_dir: str | None = None) -> None:
         from dva.ports.live import open_live
 
         others = [a.ref for a in app.attachments if a.spec.kind not in LIVE_KINDS]
@@ -71,18 +80,22 @@ class LiveRunner:
         self.batch_size = batch_size
         self.batch = PacketBatch(self.pool, batch_size)
         self.ports = []
+        self.say = say  # reload and state messages, one line each (also in ``messages``)
+        self.messages: list[str] = []
+        self.persist: Persistence | None = None
         try:
             for att in self.plan.attachments:
                 kw = AF_PACKET_RING if att.spec.kind == "af_packet" else {}
                 self.ports.append(open_live(att.ref, att.spec.kind, att.spec.target, **kw))
             self._warm()
+            if state_dir is not None and Persistence.wanted(self.plan):
+                self.persist = Persistence(state_dir, app.tenant, app.name, say=self._tell)
+                self.persist.load(self.engine, time.monotonic(), live_offset())
         except BaseException:
             self.close()
             raise
         self._stop = False
         self.started = time.monotonic()
-        self.say = say  # reload messages, one line each (also kept in ``messages``)
-        self.messages: list[str] = []
         self.generation = 1
         self.reloads_rejected = 0
         self._reload_requested = False
@@ -108,6 +121,8 @@ class LiveRunner:
     def close(self) -> None:
         for p in self.ports:
             p.close()
+        if self.persist is not None:
+            self.persist.close()
 
     def __enter__(self) -> LiveRunner:
         return self
@@ -117,6 +132,18 @@ class LiveRunner:
 
     def run(self, duration: float | None = None,
             every_second: Callable[[LiveRunner], None] | None = None) -> None:
+        try:
+            self._run(duration, every_second)
+        finally:
+            self.save_state(force=True)
+
+    def save_state(self, force: bool = False) -> None:
+        """Save persisted device state that changed (rate-limited unless ``force``)."""
+        if self.persist is not None:
+            self.persist.maybe_save(self.engine, time.monotonic(), live_offset(), force)
+
+    def _run(self, duration: float | None,
+             every_second: Callable[[LiveRunner], None] | None) -> None:
         poller = select.poll()
         for p in self.ports:
             poller.register(p.fileno(), select.POLLIN)
@@ -142,6 +169,7 @@ class LiveRunner:
             if now >= next_tick:
                 self._deliver(self.engine.tick(now))
                 next_tick = now + TICK
+                self.save_state()
             if self._reload_requested and self._job is None and self._pending is None:
                 self._reload_requested = False
                 self._job = threading.Thread(target=self._build, args=(self.app.source,),

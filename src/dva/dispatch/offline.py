@@ -7,6 +7,11 @@ first frame and no other port has an earlier frame; the batch runs with
 
 Frames that cannot enter the data plane are counted per attachment and reason
 (``INGRESS_DROPS``), never dropped silently.
+
+Persisted state (:mod:`dva.worker.persist`) is loaded and saved only when a
+``state_dir`` is given (``dva run --state-dir``): loaded before the first batch, saved
+when ``run`` ends. The device clock offline is capture time, taken as wall time
+(clock offset 0).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dva.packet.batch import PacketBatch
 from dva.packet.pool import PacketPool
 from dva.ports.offline import MemoryPort, OfflinePort, PcapPort, PortError
 from dva.worker.engine import DEFAULT_HOP_LIMIT, Engine
+from dva.worker.persist import Persistence
 
 INGRESS_DROPS = ("too_long", "pool_exhausted")
 
@@ -43,7 +49,8 @@ class OfflineRunner:
     def __init__(self, app: Appliance, *, batch_size: int = 256, window: float = 1e-3,
                  hop_limit: int = DEFAULT_HOP_LIMIT, nbuckets: int = 4096,
                  pool_slots: int = 16384, memory: dict[str, MemoryPort] | None = None,
-                 open_files: bool = True) -> None:
+                 open_files: bool = True, state_dir: str | None = None,
+                 say=None) -> None:
         if batch_size <= 0:
             raise ValueError("batch size must be positive")
         self.app = app
@@ -66,6 +73,11 @@ class OfflineRunner:
             raise
         self.batch = PacketBatch(self.pool, batch_size)
         self.batches = 0
+        self.last_time: float | None = None
+        self.persist: Persistence | None = None
+        if state_dir is not None and Persistence.wanted(self.plan):
+            self.persist = Persistence(state_dir, app.tenant, app.name, say=say)
+            self.persist.load(self.engine, None, 0.0)
 
     def _check_inputs(self) -> None:
         """Fail before any output file is created (and emptied)."""
@@ -96,6 +108,8 @@ class OfflineRunner:
     def close(self) -> None:
         for p in self.ports:
             p.close()
+        if getattr(self, "persist", None) is not None:
+            self.persist.close()
 
     def __enter__(self) -> OfflineRunner:
         return self
@@ -104,9 +118,11 @@ class OfflineRunner:
         self.close()
 
     def run(self) -> RunResult:
-        """Run until every input is consumed."""
+        """Run until every input is consumed (then save persisted state, if asked)."""
         while self.step():
             pass
+        if self.persist is not None and self.last_time is not None:
+            self.persist.maybe_save(self.engine, self.last_time, 0.0, force=True)
         return self.result()
 
     def step(self) -> bool:
@@ -135,6 +151,7 @@ class OfflineRunner:
             else:
                 b.add_frame(frame, origin=best)
         self.batches += 1
+        self.last_time = t0
         if b.n:
             self.deliver(self.engine.process(best, b, t0), t0)
         return True

@@ -177,6 +177,9 @@ class Device(ABC):
     # True: a config reload starts this device with fresh state (its config asked for
     # a flush, e.g. a firewall's ``flush: true``) instead of carrying its flows over.
     flush_on_reload: bool = False
+    # True: the runtime saves this device's shared state (``export_shared``) to a file
+    # and loads it at start (dva.worker.persist), so it survives restarts (DHCP leases).
+    persist: ClassVar[bool] = False
 
     def __init__(self, name: str, config: DeviceConfig) -> None:
         self.name = name

@@ -7,6 +7,7 @@ effect). Users add their own network functions with :func:`register`.
 from __future__ import annotations
 
 from dva.nf.base import Device
+from dva.nf.dhcp import Dhcp
 from dva.nf.firewall import Firewall
 from dva.nf.lb import Lb
 from dva.nf.nat import Nat
@@ -21,6 +22,7 @@ _BUILTIN: dict[str, type[Device]] = {
     Nat.type_name: Nat,
     Lb.type_name: Lb,
     Policer.type_name: Policer,
+    Dhcp.type_name: Dhcp,
 }
 _types: dict[str, type[Device]] = dict(_BUILTIN)
 

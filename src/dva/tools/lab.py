@@ -2,7 +2,8 @@
 
 Used by ``dva demo`` and the system tests: each :meth:`Lab.host` is a namespace
 with one interface ``eth0`` (an address, a default route) whose veth peer stays in
-the root namespace, up and without an address, for an appliance to attach to.
+the root namespace, up and without an address, for an appliance to attach to. A host
+made with ``ip=None`` has ``eth0`` up without an address (a DHCP client configures it).
 
 Names are unique per lab (prefix from the process id and a random suffix) so runs
 cannot collide, and :meth:`Lab.close` (also on exceptions, via ``with``) stops every
@@ -38,13 +39,13 @@ def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess
 class Host:
     name: str
     ns: str
-    ip: str  # with prefix length, e.g. 10.0.0.11/24
+    ip: str | None  # with prefix length, e.g. 10.0.0.11/24; None: no address
     outside: str  # the veth end in the root namespace
     mac: str = ""
 
     @property
     def addr(self) -> str:
-        return self.ip.split("/")[0]
+        return self.ip.split("/")[0] if self.ip else ""
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Lab:
             return "needs iproute2 (the ip command)"
         return None
 
-    def host(self, name: str, ip: str, gateway: str | None = None) -> Host:
+    def host(self, name: str, ip: str | None, gateway: str | None = None) -> Host:
         ns = f"{self.prefix}-{name}"
         outside = f"{self.prefix[:9]}{len(self.hosts)}{name[:3]}"[:15]
         run(["ip", "netns", "add", ns])
@@ -79,9 +80,10 @@ class Lab:
              "netns", ns])
         self.links.append(outside)
         for args in (["ip", "link", "set", "lo", "up"],
-                     ["ip", "addr", "add", ip, "dev", "eth0"],
+                     ["ip", "addr", "add", ip, "dev", "eth0"] if ip else None,
                      ["ip", "link", "set", "eth0", "up"]):
-            self.exec(h, args)
+            if args:
+                self.exec(h, args)
         if gateway:
             self.exec(h, ["ip", "route", "add", "default", "via", gateway])
         # Quiet, wire-exact hosts: no IPv6 chatter, no offloads.
