@@ -74,6 +74,24 @@ def inline_kernel(fn):
         return numba.njit(cache=True, nogil=True, inline="always")(fn)
 
 
+def inline_copy(fn):
+    """An inlined copy of the compiled :func:`kernel` ``fn``, for a hot caller.
+
+    A kernel called from another kernel is a real call that passes every array
+    argument field by field; a caller that runs it on every packet (a table lookup, a
+    re-parse) can take this copy instead, compiled from the same source and inlined
+    into the caller (not cached on its own: the cache entries of ``fn``'s module stay
+    the originals'). With the JIT off it is ``fn`` itself.
+    """
+    if not JIT_ENABLED:
+        return fn
+    src = getattr(fn, "py_func", fn)
+    try:
+        return numba.njit(nogil=True, _nrt=False, inline="always")(src)
+    except (TypeError, KeyError):  # pragma: no cover
+        return numba.njit(nogil=True, inline="always")(src)
+
+
 def kernel(fn):
     """Compile ``fn`` as a cached, GIL-free numba kernel (or leave it as Python).
 

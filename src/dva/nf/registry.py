@@ -14,6 +14,7 @@ from dva.nf.nat import Nat
 from dva.nf.policer import Policer
 from dva.nf.router import Router
 from dva.nf.switch import Switch
+from dva.nf.vxlan import Vxlan
 
 _BUILTIN: dict[str, type[Device]] = {
     Switch.type_name: Switch,
@@ -23,6 +24,7 @@ _BUILTIN: dict[str, type[Device]] = {
     Lb.type_name: Lb,
     Policer.type_name: Policer,
     Dhcp.type_name: Dhcp,
+    Vxlan.type_name: Vxlan,
 }
 _types: dict[str, type[Device]] = dict(_BUILTIN)
 
