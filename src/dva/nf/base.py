@@ -32,6 +32,7 @@ state on ``self``. ``now`` is passed in: devices read no clock.
 from __future__ import annotations
 
 import io
+import ipaddress
 import re
 from abc import ABC, abstractmethod
 from typing import Annotated, Any, ClassVar
@@ -60,6 +61,18 @@ def drop_code(reason):
 
 def drop_reason_of(verdict: int) -> int:
     return DROP_BASE - verdict
+
+
+def host_address(v: str) -> int:
+    """An IPv4 unicast host address from a config, as an int (0/8, 127/8, multicast,
+    class E and broadcast are refused)."""
+    try:
+        a = ipaddress.IPv4Address(v)
+    except ValueError as e:
+        raise ValueError(f"bad address {v!r}: {e}") from None
+    if int(a) >> 24 in (0, 127) or int(a) >> 28 >= 14:
+        raise ValueError(f"bad address {v!r}: not a unicast host address")
+    return int(a)
 
 
 def port_range(v: int | str, what: str = "port range") -> tuple[int, int]:

@@ -85,7 +85,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dva._jit import kernel
-from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code, port_range, two_ports
+from dva.nf.base import (
+    Device,
+    DeviceConfig,
+    DeviceState,
+    Name,
+    drop_code,
+    host_address,
+    port_range,
+    two_ports,
+)
 from dva.nf.conntrack import (
     CT_EVENTS,
     ESTABLISHED,
@@ -169,16 +178,6 @@ HEALTH_LIFE = 100 * 365 * 86400.0  # health entries do not expire
 
 # -- config ------------------------------------------------------------------------
 
-def _addr(v: str) -> int:
-    try:
-        a = ipaddress.IPv4Address(v)
-    except ValueError as e:
-        raise ValueError(f"bad address {v!r}: {e}") from None
-    if int(a) >> 24 in (0, 127) or int(a) >> 28 >= 14 or int(a) == 0xFFFFFFFF:
-        raise ValueError(f"bad address {v!r}: not a unicast host address")
-    return int(a)
-
-
 class Backend(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -190,7 +189,7 @@ class Backend(BaseModel):
     @field_validator("addr")
     @classmethod
     def _a(cls, v):
-        _addr(v)
+        host_address(v)
         return v
 
 
@@ -205,11 +204,11 @@ class Vip(BaseModel):
     @field_validator("addr")
     @classmethod
     def _a(cls, v):
-        _addr(v)
+        host_address(v)
         return v
 
     def endpoints(self) -> list[tuple[int, int]]:
-        return [(_addr(b.addr), b.port or self.port) for b in self.backends]
+        return [(host_address(b.addr), b.port or self.port) for b in self.backends]
 
     @model_validator(mode="after")
     def _unique(self) -> Vip:
@@ -247,7 +246,7 @@ class LbConfig(DeviceConfig):
     @classmethod
     def _snat(cls, v):
         if v is not None:
-            _addr(v)
+            host_address(v)
         return v
 
     @field_validator("snat_ports")
@@ -274,10 +273,10 @@ class LbConfig(DeviceConfig):
         if self.mode == "dnat" and self.snat is not None:
             raise ValueError("snat is for mode fullnat")
         seen: dict[tuple[int, str, int], str] = {}
-        vip_addrs = {_addr(v.addr) for v in self.vips.values()}
+        vip_addrs = {host_address(v.addr) for v in self.vips.values()}
         total = 0
         for name, v in self.vips.items():
-            k = (_addr(v.addr), v.proto, v.port)
+            k = (host_address(v.addr), v.proto, v.port)
             if k in seen:
                 raise ValueError(f"vips.{name}: {v.addr} {v.proto} {v.port} is also VIP "
                                  f"{seen[k]}")
@@ -292,7 +291,7 @@ class LbConfig(DeviceConfig):
             total += len(v.backends)
         if total > MAX_BACKENDS:
             raise ValueError(f"{total} backends: at most {MAX_BACKENDS}")
-        if self.snat is not None and _addr(self.snat) in vip_addrs:
+        if self.snat is not None and host_address(self.snat) in vip_addrs:
             raise ValueError("snat cannot be a VIP address")
         return self
 
@@ -304,7 +303,7 @@ class LbConfig(DeviceConfig):
 
 def _health_key(vip: Vip, addr: int, port: int) -> tuple[int, int]:
     proto = L.PROTO_TCP if vip.proto == "tcp" else L.PROTO_UDP
-    return pack32(_addr(vip.addr), (proto << 16) | vip.port), pack32(addr, port)
+    return pack32(host_address(vip.addr), (proto << 16) | vip.port), pack32(addr, port)
 
 
 class LbState(DeviceState):
@@ -325,7 +324,7 @@ class LbState(DeviceState):
         """Config says up and the health state, if any, too."""
         if not b.up:
             return False
-        h = self.health.get(_health_key(vip, _addr(b.addr), b.port or vip.port), now)
+        h = self.health.get(_health_key(vip, host_address(b.addr), b.port or vip.port), now)
         return h is None or bool(h[0])
 
     def rebuild_tables(self, now: float) -> None:
@@ -639,7 +638,7 @@ class Lb(Device):
         vips, backends, names = [], [], []
         for vname, v in config.vips.items():
             proto = L.PROTO_TCP if v.proto == "tcp" else L.PROTO_UDP
-            va = _addr(v.addr)
+            va = host_address(v.addr)
             vips.append((va, proto, v.port, len(backends), len(v.backends),
                          int(addr_hash(va, 0, 0, 0))))
             for a, p in v.endpoints():
@@ -652,7 +651,7 @@ class Lb(Device):
         self.counters = CT_EVENTS + EVENTS + tuple(
             f"{n} {what}" for n in names for what in ("flows", "packets"))
         fullnat = config.mode == "fullnat"
-        snat = _addr(config.snat) if fullnat else 0
+        snat = host_address(config.snat) if fullnat else 0
         lo, hi = port_range(config.snat_ports)
         self.cfg = np.array([fullnat, snat, int(addr_hash(snat, 0, 0, 0)), lo, hi],
                             np.int64)
@@ -675,7 +674,7 @@ class Lb(Device):
         if v is None:
             raise KeyError(f"{self.name}: no VIP {vip!r}")
         a, _, p = backend.partition(":")
-        ep = (_addr(a), int(p) if p else v.port)
+        ep = (host_address(a), int(p) if p else v.port)
         if ep not in v.endpoints():
             raise KeyError(f"{self.name}: VIP {vip} has no backend {backend}")
         state.health.put(_health_key(v, *ep), [int(up)], expires=now + HEALTH_LIFE,

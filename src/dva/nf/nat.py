@@ -68,7 +68,6 @@ Counters: ``conntrack.CT_EVENTS`` then ``EVENTS``.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
 import numpy as np
@@ -81,6 +80,7 @@ from dva.nf.base import (
     DeviceState,
     Name,
     drop_code,
+    host_address,
     port_range,
     two_ports,
 )
@@ -171,28 +171,18 @@ G_PLO, G_PHI, G_EIF, G_HAIRPIN, G_SNAT = 0, 1, 2, 3, 4
 
 # -- config ------------------------------------------------------------------------
 
-def _addr(v: str) -> int:
-    try:
-        a = ipaddress.IPv4Address(v)
-    except ValueError as e:
-        raise ValueError(f"bad address {v!r}: {e}") from None
-    if int(a) >> 24 in (0, 127) or int(a) >> 28 >= 14:
-        raise ValueError(f"bad address {v!r}: not a unicast host address")
-    return int(a)
-
-
 def pool_addresses(v: str | list[str]) -> list[int]:
     items = [v] if isinstance(v, str) else v
     out: list[int] = []
     for it in items:
         if "-" in it:
             a, b = it.split("-", 1)
-            lo, hi = _addr(a.strip()), _addr(b.strip())
+            lo, hi = host_address(a.strip()), host_address(b.strip())
             if hi < lo or hi - lo >= 65536:
                 raise ValueError(f"bad address range {it!r}: LO-HI, at most 65536")
             out.extend(range(lo, hi + 1))
         else:
-            out.append(_addr(it))
+            out.append(host_address(it))
     if len(set(out)) != len(out):
         raise ValueError("an address appears twice in the pool")
     return out
@@ -241,7 +231,7 @@ class Dnat(BaseModel):
     @classmethod
     def _to(cls, v):
         a, sep, p = v.partition(":")
-        _addr(a)
+        host_address(a)
         if sep:
             if not p.isdigit() or not 1 <= int(p) <= 65535:
                 raise ValueError(f"bad port in {v!r}: 1..65535")
@@ -251,7 +241,7 @@ class Dnat(BaseModel):
     @classmethod
     def _a(cls, v):
         if v is not None:
-            _addr(v)
+            host_address(v)
         return v
 
     @model_validator(mode="after")
@@ -265,7 +255,7 @@ class Dnat(BaseModel):
         lo, hi = port_range(self.dport)
         a, _, p = self.to.partition(":")
         return (L.PROTO_TCP if self.proto == "tcp" else L.PROTO_UDP,
-                -1 if self.addr is None else _addr(self.addr), lo, hi, _addr(a),
+                -1 if self.addr is None else host_address(self.addr), lo, hi, host_address(a),
                 int(p) if p else -1)
 
 
@@ -278,7 +268,7 @@ class Static(BaseModel):
     @field_validator("inside", "outside")
     @classmethod
     def _a(cls, v):
-        _addr(v)
+        host_address(v)
         return v
 
 
@@ -305,8 +295,8 @@ class NatConfig(DeviceConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> NatConfig:
-        ins = [_addr(s.inside) for s in self.static]
-        outs = [_addr(s.outside) for s in self.static]
+        ins = [host_address(s.inside) for s in self.static]
+        outs = [host_address(s.outside) for s in self.static]
         if len(set(ins)) != len(ins) or len(set(outs)) != len(outs):
             raise ValueError("static: an address is mapped twice")
         if self.snat and set(outs) & set(pool_addresses(self.snat.to)):
@@ -694,7 +684,7 @@ class Nat(Device):
         pool = pool_addresses(sn.to) if sn else []
         self.pool = np.array(pool, np.int64)
         self.pool_h = np.array([int(addr_hash(a, 0, 0, 0)) for a in pool], np.int64)
-        self.static = np.array([(_addr(s.inside), _addr(s.outside)) for s in config.static],
+        self.static = np.array([(host_address(s.inside), host_address(s.outside)) for s in config.static],
                                np.int64).reshape(-1, 2)
         self.dnat = np.array([d.row() for d in config.dnat], np.int64).reshape(-1, 6)
         lo, hi = port_range(sn.ports) if sn else (1024, 65535)
