@@ -10,8 +10,6 @@ afterwards, also when a test fails.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from test_firewall_live import ECHO_CLIENT, ECHO_SERVER, Appliance

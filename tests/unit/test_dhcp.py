@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import assert_matches_reference
 from rig import Rig
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -823,29 +824,11 @@ def dhcp_workload() -> dict[str, np.ndarray]:
             "counters": np.array(list(counters.values()), np.int64)}
 
 
-REF_SCRIPT = """
-import sys
-import numpy as np
-sys.path.insert(0, {tests!r})
-sys.path.insert(0, {unit!r})
-from dva._jit import JIT_ENABLED
-assert not JIT_ENABLED
-from test_dhcp import dhcp_workload
-np.savez(sys.argv[1], **dhcp_workload())
-"""
 
 
 @pytest.mark.slow
-def test_compiled_equals_reference(tmp_path):
-    here = Path(__file__).resolve().parent
-    script = REF_SCRIPT.format(tests=str(here.parent), unit=str(here))
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "ref.npz")], check=True,
-                   env=env, timeout=900)
-    jit = dhcp_workload()
-    with np.load(tmp_path / "ref.npz") as ref:
-        for k in jit:
-            assert np.array_equal(ref[k], jit[k]), f"{k} differs between JIT and reference"
+def test_compiled_equals_reference():
+    jit = assert_matches_reference("test_dhcp", "dhcp_workload")
     c = dict(zip(Rig(appliance()).engine.counter_table(), jit["counters"]))
     for name in ("dhcp offers", "dhcp acks", "dhcp naks", "dhcp leases_released",
                  "dhcp addresses_declined", "dhcp drop/pool_exhausted",

@@ -10,15 +10,13 @@ compiled kernels against the JIT-off reference.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import assert_matches_reference
 from rig import Rig
 from scapy.layers.inet import IP as SIP
 from scapy.layers.inet6 import IPv6 as SIPv6
@@ -404,15 +402,6 @@ def test_config_model_values():
 
 # -- compiled == reference -------------------------------------------------------------
 
-REFERENCE = f"""
-import json, sys
-sys.path.insert(0, {str(TESTS)!r})
-sys.path.insert(0, {str(TESTS / "unit")!r})
-from dva._jit import JIT_ENABLED
-assert not JIT_ENABLED
-from test_policer import differential_run
-print(json.dumps(differential_run()))
-"""
 
 
 def differential_run() -> dict:
@@ -440,17 +429,17 @@ def differential_run() -> dict:
                       in sorted(rig.state.table.entries(t))]}
 
 
+def differential_arrays() -> dict[str, np.ndarray]:
+    """:func:`differential_run` as one JSON string, for the reference comparison."""
+    return {"json": np.array(json.dumps(differential_run()))}
+
+
 @pytest.mark.slow
 def test_compiled_equals_reference():
     """The same workload with numba's JIT and without it (a subprocess: the switch is
     read at import) gives the same bytes, counters and flow table."""
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    p = subprocess.run([sys.executable, "-c", REFERENCE], capture_output=True, text=True,
-                       env=env, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ref = json.loads(p.stdout)
-    jit = json.loads(json.dumps(differential_run()))
-    assert ref == jit
+    jit = json.loads(str(assert_matches_reference("test_policer", "differential_arrays")
+                         ["json"]))
     c = jit["counters"]
     assert c["pol marked"] > 10 and c["pol conform_packets"] > 10
     assert c["pol flows_created"] >= 6

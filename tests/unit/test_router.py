@@ -10,14 +10,11 @@ Engine-level tests drive an :class:`~dva.worker.engine.Engine` directly (as
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import assert_matches_reference
 from rig import Rig
 from scapy.layers.inet import ICMP as SICMP
 from scapy.layers.inet import IP as SIP
@@ -27,8 +24,6 @@ from dva.graph.appliance import ApplianceError, format_path, parse_appliance
 from dva.nf.router import DROPS, EVENTS, QUOTE_MAX, Router, RouterConfig, derive_mac
 from dva.packet.batch import PacketBatch
 from dva.packet.build import ARP, ICMP, TCP, UDP, Dot1Q, Eth, IPv4, IPv6, Raw
-
-TESTS = Path(__file__).resolve().parents[1]
 
 R_LAN, R_WAN = "02:00:00:00:01:01", "02:00:00:00:01:02"
 H5, GW = "02:00:00:00:00:05", "02:00:00:00:00:fe"
@@ -534,19 +529,8 @@ def differential_run() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_compiled_router_equals_reference(tmp_path):
-    out = tmp_path / "ref.npz"
-    script = (f"import sys\nimport numpy as np\nsys.path[:0] = [{str(TESTS)!r}, "
-              f"{str(TESTS / 'unit')!r}]\nfrom dva._jit import JIT_ENABLED\n"
-              f"assert not JIT_ENABLED\nfrom test_router import differential_run\n"
-              f"np.savez(sys.argv[1], **differential_run())\n")
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, timeout=600)
-    jit = differential_run()
-    with np.load(out, allow_pickle=False) as ref:
-        assert sorted(ref.files) == sorted(jit)
-        for k in jit:
-            assert np.array_equal(ref[k], jit[k]), f"{k} differs between JIT and reference"
+def test_compiled_router_equals_reference():
+    jit = assert_matches_reference("test_router", "differential_run")
     c = dict(jit["counters"].tolist())
     for name in ("r1 emitted", "r1 held", "r1 held_released", "r1 icmp_sent",
                  "r1 echo_replies", "r1 drop/arp_timeout"):

@@ -10,14 +10,11 @@ packet slot leaked after every step.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import assert_matches_reference
 from rig import Rig
 from scapy.layers.inet import ICMP as SICMP
 from scapy.layers.inet import IP as SIP
@@ -34,8 +31,6 @@ from dva.packet.batch import PacketBatch
 from dva.packet.build import ARP, ICMP, UDP, Dot1Q, Eth, IPv4, IPv6, Raw
 from dva.packet.parse import parse
 from dva.packet.pool import PacketPool
-
-TESTS = Path(__file__).resolve().parents[1]
 
 LOCAL, VMAC = "192.0.2.1", "02:00:00:00:0a:01"
 R2, R3, R9, GW = "192.0.2.2", "192.0.2.3", "198.51.100.9", "192.0.2.254"
@@ -691,19 +686,8 @@ def differential_run() -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_compiled_vxlan_equals_reference(tmp_path):
-    out = tmp_path / "ref.npz"
-    script = (f"import sys\nimport numpy as np\nsys.path[:0] = [{str(TESTS)!r}, "
-              f"{str(TESTS / 'unit')!r}]\nfrom dva._jit import JIT_ENABLED\n"
-              f"assert not JIT_ENABLED\nfrom test_vxlan import differential_run\n"
-              f"np.savez(sys.argv[1], **differential_run())\n")
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, timeout=600)
-    jit = differential_run()
-    with np.load(out, allow_pickle=False) as ref:
-        assert sorted(ref.files) == sorted(jit)
-        for k in jit:
-            assert np.array_equal(ref[k], jit[k]), f"{k} differs between JIT and reference"
+def test_compiled_vxlan_equals_reference():
+    jit = assert_matches_reference("test_vxlan", "differential_run")
     c = dict(jit["counters"].tolist())
     for name in ("vx emitted", "vx learned", "vx flooded", "vx arp_replies_sent",
                  "vx echo_replies", "vx drop/unknown_vni", "vx.overlay tx"):
