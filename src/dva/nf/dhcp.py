@@ -162,7 +162,6 @@ from dva.nf.dhcp_defs import (
 )
 from dva.nf.dhcp_lease import on_decline, on_discover, on_release, on_request
 from dva.nf.dhcp_wire import (
-    arp_reply,
     client_key,
     parse_request,
     reply_length,
@@ -170,6 +169,7 @@ from dva.nf.dhcp_wire import (
     write_reply,
 )
 from dva.nf.router import RouterPort, derive_mac, parse_mac
+from dva.nf.router_arp import answer_arp
 from dva.nf.table import I_EXPIRED, I_TOMBS, HashTable, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.checksum import rd16, rd32, rd48
@@ -537,7 +537,7 @@ def dhcp_kernel(data, meta, n, cfg, res, dns, domain, st, events, key, msg, cid,
             sha = rd48(pkt, l3 + 8)
             if rd16(pkt, l3 + 6) == 1 and rd32(pkt, l3 + 24) == me \
                     and (sha >> 40) & 1 == 0 and sha != 0:
-                row[L.LEN] = arp_reply(data[slot], s, l3, cfg[G_MAC], me)
+                row[L.LEN] = answer_arp(data[slot], s, l3, cfg[G_MAC], me)
                 row[L.VERDICT] = row[L.IN_PORT]
                 row[L.NOTE] = N_ARP
                 events[C_ARP_REPLY] += 1

@@ -18,7 +18,6 @@ the packet's own; a reply is at most a few hundred bytes): BOOTP header fields p
 in the order 53, 54, 51, 58, 59, 1, 28, 3, 6, 15, 61 (the subnet mask before the
 router, RFC 2132 section 3.3; the client identifier echoed, RFC 6842), padded to 300
 bytes of BOOTP; then UDP 67 -> 68 and IPv4 with their checksums, and Ethernet.
-:func:`arp_reply` answers an ARP request for the server's address in place.
 """
 
 from __future__ import annotations
@@ -327,19 +326,3 @@ def udp_checksum_ok(pkt, l3, l4, ulen):
     return c == 0 or c == l4_checksum(pkt, l3, l4, ulen, L.PROTO_UDP, False, 6)
 
 
-@kernel
-def arp_reply(buf, s, a, mine, my_ip):
-    """Rewrite the ARP request at frame offset ``a`` (L3) into the reply from the
-    server; returns the new frame length."""
-    sha = rd48(buf, s + a + 8)
-    spa = rd32(buf, s + a + 14)
-    wr48(buf, s, sha)
-    wr48(buf, s + 6, mine)
-    wr16(buf, s + a + 6, 2)
-    wr48(buf, s + a + 8, mine)
-    wr32(buf, s + a + 14, my_ip)
-    wr48(buf, s + a + 18, sha)
-    wr32(buf, s + a + 24, spa)
-    for k in range(a + 28, 60):
-        buf[s + k] = 0
-    return 60 if a + 28 <= 60 else a + 28

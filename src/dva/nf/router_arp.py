@@ -89,6 +89,25 @@ FOREVER = 1e18  # pending entries are deleted explicitly, never expire
 
 
 @kernel
+def answer_arp(buf, s, a, mine, my_ip):
+    """Rewrite the ARP request in ``buf`` (frame at ``s``, ARP header at frame offset
+    ``a``) into the reply from (``mine``, ``my_ip``), addressed to the requester;
+    returns the new frame length (padded to the 60-byte minimum)."""
+    sha = rd48(buf, s + a + 8)
+    spa = rd32(buf, s + a + 14)
+    wr48(buf, s, sha)
+    wr48(buf, s + 6, mine)
+    wr16(buf, s + a + 6, 2)
+    wr48(buf, s + a + 8, mine)
+    wr32(buf, s + a + 14, my_ip)
+    wr48(buf, s + a + 18, sha)
+    wr32(buf, s + a + 24, spa)
+    for k in range(a + 28, 60):
+        buf[s + k] = 0
+    return 60 if a + 28 <= 60 else a + 28
+
+
+@kernel
 def _set_macs(data, slot, start, dst, src):
     buf = data[slot]
     wr48(buf, start, dst)
@@ -341,18 +360,7 @@ def _arp_in(data, meta, i, total, port_ip, port_mask, port_bcast, port_mac, arp_
         row[L.NOTE] = N_ARP_REPLY if valid else N_ARP_OTHER
         return total
     # A request for this port's address: the frame becomes the reply.
-    buf = data[slot]
-    mine = port_mac[inp]
-    wr48(buf, s, sha)
-    wr48(buf, s + 6, mine)
-    wr16(buf, s + a + 6, 2)
-    wr48(buf, s + a + 8, mine)
-    wr32(buf, s + a + 14, me)
-    wr48(buf, s + a + 18, sha)
-    wr32(buf, s + a + 24, spa)
-    for k in range(a + 28, 60):
-        buf[s + k] = 0
-    row[L.LEN] = 60 if a + 28 <= 60 else a + 28
+    row[L.LEN] = answer_arp(data[slot], s, a, port_mac[inp], me)
     row[L.VERDICT] = inp
     row[L.NOTE] = N_ARP_ME
     events[C_ARP_REPLY] += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_copy, inline_kernel, kernel
 from dva.nf.base import drop_code
+from dva.nf.router_arp import answer_arp
 from dva.nf.table import I_EXPIRED, I_TOMBS, tbl_insert, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.batch import row_copy
@@ -406,18 +407,7 @@ def _arp_in(data, row, cfg, nh_ip, nhc, epoch, nkeys, nvals, nstate, nbucket, ne
         row[L.VERDICT] = drop_code(D_ARP_CONSUMED)
         row[L.NOTE] = N_ARP_REPLY
         return
-    buf = data[slot]
-    mine = cfg[G_MAC]
-    wr48(buf, s, sha)
-    wr48(buf, s + 6, mine)
-    wr16(buf, s + a + 6, 2)
-    wr48(buf, s + a + 8, mine)
-    wr32(buf, s + a + 14, me)
-    wr48(buf, s + a + 18, sha)
-    wr32(buf, s + a + 24, spa)
-    for j in range(a + 28, 60):
-        buf[s + j] = 0
-    row[L.LEN] = 60 if a + 28 <= 60 else a + 28
+    row[L.LEN] = answer_arp(data[slot], s, a, cfg[G_MAC], me)
     row[L.VERDICT] = UNDERLAY
     row[L.NOTE] = N_ARP_ME
     events[C_ARP_REPLY] += 1
