@@ -55,6 +55,7 @@ from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 BATCH = 256
 
 
@@ -225,30 +226,6 @@ LB_VIP = 0xCB00710A  # 203.0.113.10
 LB_FLOWS = 100_000  # established flows of lb_est
 
 
-def _lb_fill_kernel():
-    """``fill(data, slots, starts, ids, k0)``: frames of flows ``ids[k0:]`` to the VIP
-    (source 10.a.b.c, port 1024 + low bits), header checksum recomputed. The lb
-    rewrites the destination, so the frames are written afresh before every batch
-    (counted in the figure, as in ``stateful.py``)."""
-    from dva._jit import kernel
-    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
-
-    @kernel
-    def fill(data, slots, starts, ids, k0):
-        for i in range(slots.shape[0]):
-            f = ids[(k0 + i) % ids.shape[0]]
-            buf = data[slots[i]]
-            s = starts[i]
-            wr32(buf, s + 26, 0x0A000000 | (f >> 4))
-            wr32(buf, s + 30, LB_VIP)
-            wr16(buf, s + 34, 1024 + (f & 15))
-            wr16(buf, s + 36, 53)
-            wr16(buf, s + 40, 0)
-            wr16(buf, s + 24, 0)
-            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
-    return fill
-
-
 def _lb_device(max_flows: int):
     from dva.nf.registry import get
 
@@ -262,6 +239,7 @@ def _lb_device(max_flows: int):
 
 def _lb_scenario(new_flows: bool) -> Scenario:
     import numpy as np
+    from stateful import udp_flow_fill
 
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
@@ -280,14 +258,14 @@ def _lb_scenario(new_flows: bool) -> Scenario:
         b.add_frame(tmpl)
     data, meta = pool.data, b.meta
     slots, starts = meta[:BATCH, L.SLOT].copy(), meta[:BATCH, L.START].copy()
-    fill = _lb_fill_kernel()
+    fill = udp_flow_fill()  # the lb rewrites the destination: written before each batch
     rng = np.random.default_rng(2)
     cur = {"state": dev.new_state(), "k": 0}
     ids = (np.arange(per_run, dtype=np.int64) if new_flows
            else rng.permutation(LB_FLOWS).astype(np.int64))
 
     def batch(k0):
-        fill(data, slots, starts, ids, k0)
+        fill(data, slots, starts, ids, k0, LB_VIP)
         b.n = BATCH
         meta[:BATCH, L.IN_PORT] = 0
         parse_batch(data, meta, 0, BATCH, 4095)

@@ -42,6 +42,31 @@ BATCH = 256
 SERVER = 0xC0000209  # 192.0.2.9
 
 
+def udp_flow_fill():
+    """``fill(data, slots, starts, ids, k0, dst)``: make the batch's 64-byte UDP/IPv4
+    frames those of flows ``ids[k0 : k0 + len(slots)]`` (source 10.a.b.c, port 1024 +
+    the flow's low bits) to ``dst`` port 53, header checksum recomputed. The devices
+    rewrite addresses, so benchmarks write them afresh before every batch (and count
+    it in their figures)."""
+    from dva._jit import kernel
+    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+
+    @kernel
+    def fill(data, slots, starts, ids, k0, dst):
+        for i in range(slots.shape[0]):
+            f = ids[(k0 + i) % ids.shape[0]]
+            buf = data[slots[i]]
+            s = starts[i]
+            wr32(buf, s + 26, 0x0A000000 | (f >> 4))
+            wr32(buf, s + 30, dst)
+            wr16(buf, s + 34, 1024 + (f & 15))
+            wr16(buf, s + 36, 53)
+            wr16(buf, s + 40, 0)
+            wr16(buf, s + 24, 0)
+            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+    return fill
+
+
 def build(flows: int):
     import numpy as np
 
@@ -53,7 +78,6 @@ def build(flows: int):
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
     from dva.packet.build import UDP, Eth, IPv4
-    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
     from dva.packet.parse import parse_batch
     from dva.packet.pool import PacketPool
 
@@ -88,20 +112,7 @@ attach:
     data, meta = pool.data, b.meta
     slots, starts = meta[:BATCH, L.SLOT].copy(), meta[:BATCH, L.START].copy()
 
-    @kernel
-    def fill(data, slots, starts, ids, k0):
-        """Frames of flows ids[k0 : k0 + len(slots)]: source 10.a.b.c, port 1024 + ..."""
-        for i in range(slots.shape[0]):
-            f = ids[(k0 + i) % ids.shape[0]]
-            buf = data[slots[i]]
-            s = starts[i]
-            wr32(buf, s + 26, 0x0A000000 | (f >> 4))
-            wr32(buf, s + 30, SERVER)
-            wr16(buf, s + 34, 1024 + (f & 15))
-            wr16(buf, s + 36, 53)
-            wr16(buf, s + 40, 0)
-            wr16(buf, s + 24, 0)
-            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+    fill = udp_flow_fill()
 
     @kernel
     def ct_ops(keys, vals, state, bucket, expires, info, key, ids, insert, now):
@@ -136,7 +147,7 @@ attach:
         return bad
 
     def run_batch(devs, k0, which_ids, now):
-        fill(data, slots, starts, which_ids, k0)
+        fill(data, slots, starts, which_ids, k0, SERVER)
         b.n = BATCH
         ports_and_drops(meta, BATCH, -999)
         parse_batch(data, meta, 0, BATCH, 4095)
