@@ -79,13 +79,34 @@ from dva.nf.router_defs import (
 )
 from dva.nf.table import tbl_delete, tbl_insert, tbl_lookup
 from dva.packet import layout as L
-from dva.packet.batch import row_copy
+from dva.packet.batch import new_row, row_copy
 from dva.packet.checksum import rd16, rd32, rd48, wr16, wr32, wr48
 from dva.packet.pool import pool_alloc
 
 ARP_RETRY_US = int(ARP_RETRY * 1e6)
 NEVER_US = -(1 << 60)
 FOREVER = 1e18  # pending entries are deleted explicitly, never expire
+
+
+@kernel
+def write_arp_request(buf, h, mac, ip, target):
+    """A broadcast ARP request from (``mac``, ``ip``) for ``target``, written at ``h``;
+    returns its length (60: padded to the Ethernet minimum)."""
+    wr48(buf, h, BCAST_MAC)
+    wr48(buf, h + 6, mac)
+    wr16(buf, h + 12, L.ETH_ARP)
+    wr16(buf, h + 14, 1)
+    wr16(buf, h + 16, L.ETH_IPV4)
+    buf[h + 18] = 6
+    buf[h + 19] = 4
+    wr16(buf, h + 20, 1)
+    wr48(buf, h + 22, mac)
+    wr32(buf, h + 28, ip)
+    wr48(buf, h + 32, 0)
+    wr32(buf, h + 38, target)
+    for k in range(42, 60):
+        buf[h + k] = 0
+    return 60
 
 
 @kernel
@@ -115,19 +136,6 @@ def _set_macs(data, slot, start, dst, src):
 
 
 @kernel
-def _new_row(meta, r, slot, start, length, verdict, hops, note):
-    for f in range(L.NFIELDS):
-        meta[r, f] = 0
-    meta[r, L.SLOT] = slot
-    meta[r, L.START] = start
-    meta[r, L.LEN] = length
-    meta[r, L.VERDICT] = verdict
-    meta[r, L.HOPS] = hops
-    meta[r, L.NOTE] = note
-    meta[r, L.VLAN] = -1
-
-
-@kernel
 def _arp_request(data, free, top, meta, total, headroom, p, target, port_ip, port_mac,
                  hops, events):
     """Append a broadcast ARP request for ``target`` out port ``p``; returns the row count
@@ -139,23 +147,8 @@ def _arp_request(data, free, top, meta, total, headroom, p, target, port_ip, por
     if c < 0:
         events[C_POOL] += 1
         return total
-    buf = data[c]
-    h = headroom
-    wr48(buf, h, BCAST_MAC)
-    wr48(buf, h + 6, port_mac[p])
-    wr16(buf, h + 12, L.ETH_ARP)
-    wr16(buf, h + 14, 1)
-    wr16(buf, h + 16, L.ETH_IPV4)
-    buf[h + 18] = 6
-    buf[h + 19] = 4
-    wr16(buf, h + 20, 1)
-    wr48(buf, h + 22, port_mac[p])
-    wr32(buf, h + 28, port_ip[p])
-    wr48(buf, h + 32, 0)
-    wr32(buf, h + 38, target)
-    for k in range(42, 60):
-        buf[h + k] = 0
-    _new_row(meta, total, c, h, 60, p, hops, N_ARP_REQUEST)
+    n = write_arp_request(data[c], headroom, port_mac[p], port_ip[p], target)
+    new_row(meta, total, c, headroom, n, p, hops, N_ARP_REQUEST)
     events[C_ARP_REQ] += 1
     return total + 1
 

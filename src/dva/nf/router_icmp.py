@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dva._jit import i64, kernel
 from dva.nf.lpm import lpm_lookup
-from dva.nf.router_arp import _new_row, _send
+from dva.nf.router_arp import _send
 from dva.nf.router_defs import (
     C_DEFERRED,
     C_ICMP,
@@ -31,6 +31,7 @@ from dva.nf.router_defs import (
     NH_FWD,
 )
 from dva.packet import layout as L
+from dva.packet.batch import new_row
 from dva.packet.checksum import (
     csum_add,
     csum_fold,
@@ -131,7 +132,7 @@ def _icmp_error(data, free, top, meta, i, n, total, headroom, itype, icode, port
     for b in range(q):
         buf[ic + 8 + b] = pkt[l3 + b]
     wr16(buf, ic + 2, csum_fold(csum_add(buf, ic, 8 + q, 0)))
-    _new_row(meta, total, c, h, 42 + q, -1, row[L.HOPS], N_ICMP)
+    new_row(meta, total, c, h, 42 + q, -1, row[L.HOPS], N_ICMP)
     events[C_ICMP] += 1
     r = total
     gw = nh_gw[nh]

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_copy, inline_kernel, kernel
 from dva.nf.base import drop_code
-from dva.nf.router_arp import answer_arp
+from dva.nf.router_arp import answer_arp, write_arp_request
 from dva.nf.table import I_EXPIRED, I_TOMBS, tbl_insert, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
-from dva.packet.batch import row_copy
+from dva.packet.batch import new_row, row_copy
 from dva.packet.checksum import (
     csum_add,
     csum_fold,
@@ -169,19 +169,6 @@ def _fold(acc):
 
 
 @kernel
-def _new_row(meta, r, slot, start, length, verdict, hops, note):
-    for f in range(L.NFIELDS):
-        meta[r, f] = 0
-    meta[r, L.SLOT] = slot
-    meta[r, L.START] = start
-    meta[r, L.LEN] = length
-    meta[r, L.VERDICT] = verdict
-    meta[r, L.HOPS] = hops
-    meta[r, L.NOTE] = note
-    meta[r, L.VLAN] = -1
-
-
-@kernel
 def _arp_request(data, free, top, meta, total, headroom, target, cfg, hops, events):
     """Append a broadcast ARP request for ``target`` out the underlay; returns the row
     count (unchanged when no row or slot was free)."""
@@ -192,24 +179,8 @@ def _arp_request(data, free, top, meta, total, headroom, target, cfg, hops, even
     if c < 0:
         events[C_POOL] += 1
         return total
-    buf = data[c]
-    h = headroom
-    mac = cfg[G_MAC]
-    wr48(buf, h, BCAST_MAC)
-    wr48(buf, h + 6, mac)
-    wr16(buf, h + 12, L.ETH_ARP)
-    wr16(buf, h + 14, 1)
-    wr16(buf, h + 16, L.ETH_IPV4)
-    buf[h + 18] = 6
-    buf[h + 19] = 4
-    wr16(buf, h + 20, 1)
-    wr48(buf, h + 22, mac)
-    wr32(buf, h + 28, cfg[G_LOCAL])
-    wr48(buf, h + 32, 0)
-    wr32(buf, h + 38, target)
-    for k in range(42, 60):
-        buf[h + k] = 0
-    _new_row(meta, total, c, h, 60, UNDERLAY, hops, N_ARP_REQUEST)
+    n = write_arp_request(data[c], headroom, cfg[G_MAC], cfg[G_LOCAL], target)
+    new_row(meta, total, c, headroom, n, UNDERLAY, hops, N_ARP_REQUEST)
     events[C_ARP_REQ] += 1
     return total + 1
 

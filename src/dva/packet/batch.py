@@ -26,6 +26,21 @@ def row_copy(dst, di, src, si):
         dst[di, f] = src[si, f]
 
 
+@kernel
+def new_row(meta, r, slot, start, length, verdict, hops, note):
+    """Row ``r`` for a packet a device generated (in pool slot ``slot``): every other
+    column zeroed, untagged; the engine stamps tenant and origin and parses it."""
+    for f in range(L.NFIELDS):
+        meta[r, f] = 0
+    meta[r, L.SLOT] = slot
+    meta[r, L.START] = start
+    meta[r, L.LEN] = length
+    meta[r, L.VERDICT] = verdict
+    meta[r, L.HOPS] = hops
+    meta[r, L.NOTE] = note
+    meta[r, L.VLAN] = -1
+
+
 class PacketBatch:
     __slots__ = ("pool", "meta", "n")
 
