@@ -102,7 +102,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dva._jit import kernel
-from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code
+from dva.nf.base import Device, DeviceConfig, DeviceState, Name, drop_code, host_address
 from dva.nf.dhcp_defs import (
     ACK,
     B_CHADDR,
@@ -187,13 +187,8 @@ _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-
 # -- config ------------------------------------------------------------------------
 
 def _host(v: str) -> str:
-    try:
-        a = ipaddress.IPv4Address(v)
-    except ValueError as e:
-        raise ValueError(f"bad address {v!r}: {e}") from None
-    if int(a) >> 24 in (0, 127) or int(a) >> 28 >= 14:
-        raise ValueError(f"bad address {v!r}: not a unicast host address")
-    return str(a)
+    """A unicast IPv4 host address, canonical."""
+    return str(ipaddress.IPv4Address(host_address(v)))
 
 
 class Pool(BaseModel):

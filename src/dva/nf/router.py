@@ -244,8 +244,30 @@ def _bad_host(a: ipaddress.IPv4Address) -> str | None:
     if a.is_loopback:
         return "a loopback address"
     if int(a) >> 29 == 7:
-        return "a multicast, reserved or broadcast address"
+        return "not a unicast address (multicast, reserved or broadcast)"
     return None
+
+
+def interface_address(v: str, what: str, example: str) -> str:
+    """An interface address ``ADDRESS/LENGTH`` from a config (a unicast host address,
+    prefix 1..32, not its subnet's network or broadcast address), canonical."""
+    if "/" not in v:
+        raise ValueError(f"bad {what} {v!r}: expected ADDRESS/LENGTH, e.g. {example}")
+    try:
+        itf = ipaddress.IPv4Interface(v)
+    except ValueError as e:
+        raise ValueError(f"bad {what} {v!r}: {e}") from None
+    bad = _bad_host(itf.ip)
+    if bad:
+        raise ValueError(f"bad {what} {v!r}: {bad}")
+    net = itf.network
+    if net.prefixlen == 0:
+        raise ValueError(f"bad {what} {v!r}: the prefix length must be 1..32")
+    if net.prefixlen <= 30 and itf.ip in (net.network_address, net.broadcast_address):
+        raise ValueError(f"bad {what} {v!r}: that is the "
+                         f"{'network' if itf.ip == net.network_address else 'broadcast'}"
+                         f" address of {net}")
+    return str(itf)
 
 
 class RouterPort(BaseModel):
@@ -259,24 +281,7 @@ class RouterPort(BaseModel):
     @field_validator("ip")
     @classmethod
     def _ip(cls, v: str) -> str:
-        if "/" not in v:
-            raise ValueError(f"bad port address {v!r}: expected ADDRESS/LENGTH, e.g. "
-                             f"10.0.0.1/24")
-        try:
-            itf = ipaddress.IPv4Interface(v)
-        except ValueError as e:
-            raise ValueError(f"bad port address {v!r}: {e}") from None
-        bad = _bad_host(itf.ip)
-        if bad:
-            raise ValueError(f"bad port address {v!r}: {bad}")
-        net = itf.network
-        if net.prefixlen == 0:
-            raise ValueError(f"bad port address {v!r}: the prefix length must be 1..32")
-        if net.prefixlen <= 30 and itf.ip in (net.network_address, net.broadcast_address):
-            raise ValueError(f"bad port address {v!r}: that is the "
-                             f"{'network' if itf.ip == net.network_address else 'broadcast'}"
-                             f" address of {net}")
-        return str(itf)
+        return interface_address(v, "port address", "10.0.0.1/24")
 
     @field_validator("mac")
     @classmethod

@@ -122,8 +122,8 @@ import numpy as np
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from dva.nf.base import Device, DeviceConfig, DeviceState
-from dva.nf.router import derive_mac, mac_str, parse_mac
+from dva.nf.base import Device, DeviceConfig, DeviceState, host_address
+from dva.nf.router import derive_mac, interface_address, mac_str, parse_mac
 from dva.nf.table import HashTable
 from dva.nf.vxlan_kernels import (
     C_AGED,
@@ -163,14 +163,7 @@ MAX_VTEPS = 1024  # remotes + static VTEPs
 
 def _host(v: str) -> str:
     """A unicast IPv4 host address, canonical."""
-    try:
-        a = ipaddress.IPv4Address(v)
-    except ValueError as e:
-        raise ValueError(f"bad address {v!r}: {e}") from None
-    top = int(a) >> 24
-    if top == 0 or top == 127 or top >= 224:
-        raise ValueError(f"bad address {v!r}: not a unicast host address")
-    return str(a)
+    return str(ipaddress.IPv4Address(host_address(v)))
 
 
 def _static_mac(v: str) -> str:
@@ -208,21 +201,7 @@ class VxlanConfig(DeviceConfig):
     @field_validator("local")
     @classmethod
     def _local(cls, v: str) -> str:
-        if "/" not in v:
-            raise ValueError(f"bad VTEP address {v!r}: expected ADDRESS/LENGTH, e.g. "
-                             f"192.0.2.1/24")
-        try:
-            itf = ipaddress.IPv4Interface(v)
-        except ValueError as e:
-            raise ValueError(f"bad VTEP address {v!r}: {e}") from None
-        _host(str(itf.ip))
-        net = itf.network
-        if net.prefixlen == 0:
-            raise ValueError(f"bad VTEP address {v!r}: the prefix length must be 1..32")
-        if net.prefixlen <= 30 and itf.ip in (net.network_address, net.broadcast_address):
-            raise ValueError(f"bad VTEP address {v!r}: that is the network or broadcast "
-                             f"address of {net}")
-        return str(itf)
+        return interface_address(v, "VTEP address", "192.0.2.1/24")
 
     @field_validator("mac")
     @classmethod
