@@ -73,23 +73,7 @@ from dva.nf.dhcp_defs import (
     V_IP,
     V_STATE,
 )
-from dva.nf.table import tbl_delete, tbl_hash, tbl_insert, tbl_lookup, tbl_sweep
-
-
-@kernel
-def _bsearch(arr, v):
-    """Index of ``v`` in the sorted ``arr``, or -1."""
-    lo = 0
-    hi = arr.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if arr[mid] < v:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < arr.shape[0] and arr[lo] == v:
-        return lo
-    return -1
+from dva.nf.table import sorted_find, tbl_delete, tbl_hash, tbl_insert, tbl_lookup, tbl_sweep
 
 
 @kernel
@@ -97,7 +81,7 @@ def reserved_for(res, mac):
     """The address reserved for hardware address ``mac``, or -1.
 
     ``res``: (MACs sorted, their addresses, addresses sorted, their MACs)."""
-    r = _bsearch(res[0], mac)
+    r = sorted_find(res[0], mac)
     return res[1][r] if r >= 0 else -1
 
 
@@ -107,7 +91,7 @@ def allowed(cfg, res, ip, mac):
     mine = reserved_for(res, mac)
     if mine >= 0:
         return ip == mine
-    if _bsearch(res[2], ip) >= 0:
+    if sorted_find(res[2], ip) >= 0:
         return False
     return cfg[G_START] <= ip and ip <= cfg[G_END]
 
@@ -177,7 +161,7 @@ def allocate(st, cfg, res, key, now):
     h = tbl_hash(key) % n
     for j in range(n):
         ip = start + (h + j) % n
-        if _bsearch(res[2], ip) >= 0:
+        if sorted_find(res[2], ip) >= 0:
             continue
         if addr_status(st, ip, key, now) != TAKEN:
             return ip

@@ -122,7 +122,7 @@ from dva.nf.conntrack import (
     timeouts_array,
 )
 from dva.nf.maglev import DEFAULT_SIZE, MAX_SIZE, build_table, is_prime
-from dva.nf.table import I_EXPIRED, HashTable, tbl_insert, tbl_lookup
+from dva.nf.table import I_EXPIRED, HashTable, sorted_find, tbl_insert, tbl_lookup
 from dva.nf.xlat import (
     KIND_ORIG,
     KIND_XLAT,
@@ -353,20 +353,6 @@ def _find_vip(vips, addr, proto, port):
 
 
 @kernel
-def _member(sorted_vals, x):
-    """Is ``x`` in the sorted array?"""
-    lo = 0
-    hi = sorted_vals.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if sorted_vals[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < sorted_vals.shape[0] and sorted_vals[lo] == x
-
-
-@kernel
 def _snat_port(keys, state, expires, info, key2, zone, proto, sa, sp, dp, nda, ndp, hv,
                hb, cfg, mask, now):
     """A free fullnat source port that keeps the flow bucket when (sa, sp) -> (VIP hv,
@@ -514,11 +500,11 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, key2
         dst = rd32(pkt, l3 + 16)
         error = (row[L.PFLAGS] & L.F_ICMP_ERROR) != 0
         if inp == 0:
-            ours = _member(vip_addrs, dst)
+            ours = sorted_find(vip_addrs, dst) >= 0
         elif fullnat:
             ours = dst == cfg[G_SNAT]
         else:
-            ours = _member(be_addrs, src)
+            ours = sorted_find(be_addrs, src) >= 0
         if not ours and not error:
             row[L.VERDICT] = 1 - inp
             row[L.NOTE] = N_PASS

@@ -31,7 +31,7 @@ import io
 
 import numpy as np
 
-from dva._jit import i64, kernel
+from dva._jit import i64, inline_kernel, kernel
 
 EMPTY, USED, TOMB = 0, 1, 2
 # info[] slots
@@ -171,6 +171,24 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
         for w in range(vals.shape[1]):
             vals[s, w] = ivals[i, w]
     return failed
+
+
+@inline_kernel
+def sorted_find(arr, x):
+    """Index of ``x`` in the sorted array ``arr``, or -1 (binary search: small sets of
+    addresses or MACs that config compiled, looked up per packet)."""
+    lo = 0
+    hi = arr.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        v = arr[mid]
+        if v < x:
+            lo = mid + 1
+        elif v > x:
+            hi = mid
+        else:
+            return mid
+    return -1
 
 
 class TableFull(RuntimeError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dva._jit import i64, inline_copy, inline_kernel, kernel
 from dva.nf.base import drop_code
 from dva.nf.router_arp import answer_arp, write_arp_request
-from dva.nf.table import I_EXPIRED, I_TOMBS, tbl_insert, tbl_lookup, tbl_sweep
+from dva.nf.table import I_EXPIRED, I_TOMBS, sorted_find, tbl_insert, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.batch import new_row, row_copy
 from dva.packet.checksum import (
@@ -119,23 +119,6 @@ NH_MAC, NH_EPOCH = range(2)
 # tenth of the packet's time.
 mac_lookup = inline_copy(tbl_lookup)
 parse_inner = inline_copy(parse_frame)
-
-
-@inline_kernel
-def bsearch(arr, x):
-    """Index of ``x`` in the sorted array ``arr``, or -1."""
-    lo = 0
-    hi = arr.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        v = arr[mid]
-        if v < x:
-            lo = mid + 1
-        elif v > x:
-            hi = mid
-        else:
-            return mid
-    return -1
 
 
 @inline_kernel
@@ -352,7 +335,7 @@ def _arp_in(data, row, cfg, nh_ip, nhc, epoch, nkeys, nvals, nstate, nbucket, ne
         return
     me = cfg[G_LOCAL]
     for_me = tpa == me
-    k = bsearch(nh_ip, spa)  # only next hops are kept
+    k = sorted_find(nh_ip, spa)  # only next hops are kept
     if k >= 0:
         key[0] = spa
         e = tbl_lookup(nkeys, nstate, nexp, ninfo, key, now)
@@ -455,7 +438,7 @@ def _decap(data, row, cfg, vtep_ip, vtep_slots, static_mac, mkeys, mvals, mstate
         return drop_code(D_BAD_SRC)
     if _is_tag(rd16(pkt, inner + 12)) and cfg[G_VLAN_OK] == 0:
         return drop_code(D_INNER_VLAN)
-    if cfg[G_LEARN] != 0 and (static_mac.shape[0] == 0 or bsearch(static_mac, smac) < 0):
+    if cfg[G_LEARN] != 0 and (static_mac.shape[0] == 0 or sorted_find(static_mac, smac) < 0):
         _learn(mkeys, mvals, mstate, mbucket, mexp, minfo, key, smac, src, aging, events,
                now)
     ns = s + inner
@@ -545,7 +528,7 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
             v = -1
             if (dmac >> 40) & 1 == 0:
                 if nstatic > 0:
-                    j = bsearch(static_mac, dmac)
+                    j = sorted_find(static_mac, dmac)
                     if j >= 0:
                         v = static_vtep[j]
                 if v < 0:
