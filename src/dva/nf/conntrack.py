@@ -212,6 +212,13 @@ class Conntrack:
     def live(self, now: float) -> int:
         return len(self.table.live(now))
 
+    def after_batch(self, rebuild: int, events: np.ndarray, now: float) -> None:
+        """When the batch kernel's sweep asked for it (``rebuild``: tombstones fill a
+        quarter of the table), rebuild the table; the expired entries it drops count
+        as ``flows_expired`` (the device's ``CT_EVENTS`` start at ``events[0]``)."""
+        if rebuild:
+            events[E_EXPIRED] += self.table.rebuild(now)
+
     def connections(self, now: float) -> list[dict]:
         """Every live entry, decoded (for tests, traces and status views)."""
         out = []

@@ -521,5 +521,4 @@ class Firewall(Device):
             self.cfg, t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key,
             self.timeouts, state.events, state.flags, float(now),
             SWEEP_BATCH if batch.n else SWEEP_TICK)
-        if state.flags[0]:
-            state.events[CT_EVENTS.index("flows_expired")] += t.rebuild(now)
+        state.ct.after_batch(state.flags[0], state.events, now)

@@ -675,5 +675,4 @@ class Lb(Device):
             self.vip_addrs, self.backends, self.be_addrs, state.maglev, self.cfg,
             state.bucket_mask, self.timeouts, state.events, state.flags, float(now),
             SWEEP_BATCH if batch.n else SWEEP_TICK)
-        if state.flags[0]:
-            state.events[CT_EVENTS.index("flows_expired")] += t.rebuild(now)
+        state.ct.after_batch(state.flags[0], state.events, now)

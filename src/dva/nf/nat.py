@@ -710,7 +710,6 @@ class Nat(Device):
             state.ct.key, state.key2, state.mkey, state.tup, self.pool, self.pool_h,
             self.static, self.dnat, self.cfg, state.bucket_mask, self.timeouts,
             state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
-        if state.flags[0]:
-            state.events[CT_EVENTS.index("flows_expired")] += t.rebuild(now)
+        state.ct.after_batch(state.flags[0], state.events, now)
         if m.needs_rebuild():
             m.rebuild(now)
