@@ -97,7 +97,7 @@ from dva.nf.conntrack import (
 )
 from dva.nf.table import I_EXPIRED
 from dva.packet import layout as L
-from dva.packet.batch import row_copy
+from dva.packet.batch import NO_SLOT, row_copy, take_slot
 from dva.packet.checksum import (
     csum_add,
     csum_fold,
@@ -110,7 +110,6 @@ from dva.packet.checksum import (
     wr32,
     wr48,
 )
-from dva.packet.pool import pool_alloc
 
 DROPS = (
     "malformed",  # a parse error
@@ -317,11 +316,10 @@ def _reject(data, free, top, meta, i, total, headroom, events):
         return total  # never a RST to a RST
     if (dst >> 28) == 14 or dst == 0xFFFFFFFF or (rd48(pkt, 0) >> 40) & 1:
         return total  # nothing answers a broadcast or multicast
-    if total >= meta.shape[0]:
-        return total
-    c = pool_alloc(free, top)
+    c = take_slot(free, top, meta, total)
     if c < 0:
-        events[C_POOL] += 1
+        if c == NO_SLOT:  # (max_emit = 1 keeps a row free for the answer)
+            events[C_POOL] += 1
         return total
     buf = data[c]
     h = headroom

@@ -79,9 +79,8 @@ from dva.nf.router_defs import (
 )
 from dva.nf.table import tbl_delete, tbl_insert, tbl_lookup
 from dva.packet import layout as L
-from dva.packet.batch import new_row, row_copy
+from dva.packet.batch import NO_ROW, new_row, row_copy, take_slot
 from dva.packet.checksum import rd16, rd32, rd48, wr16, wr32, wr48
-from dva.packet.pool import pool_alloc
 
 ARP_RETRY_US = int(ARP_RETRY * 1e6)
 NEVER_US = -(1 << 60)
@@ -140,12 +139,9 @@ def _arp_request(data, free, top, meta, total, headroom, p, target, port_ip, por
                  hops, events):
     """Append a broadcast ARP request for ``target`` out port ``p``; returns the row count
     (unchanged when no row or slot was free)."""
-    if total >= meta.shape[0]:
-        events[C_DEFERRED] += 1
-        return total
-    c = pool_alloc(free, top)
+    c = take_slot(free, top, meta, total)
     if c < 0:
-        events[C_POOL] += 1
+        events[C_DEFERRED if c == NO_ROW else C_POOL] += 1
         return total
     n = write_arp_request(data[c], headroom, port_mac[p], port_ip[p], target)
     new_row(meta, total, c, headroom, n, p, hops, N_ARP_REQUEST)

@@ -31,7 +31,7 @@ from dva.nf.router_defs import (
     NH_FWD,
 )
 from dva.packet import layout as L
-from dva.packet.batch import new_row
+from dva.packet.batch import NO_ROW, new_row, take_slot
 from dva.packet.checksum import (
     csum_add,
     csum_fold,
@@ -42,7 +42,6 @@ from dva.packet.checksum import (
     wr32,
     wr48,
 )
-from dva.packet.pool import pool_alloc
 
 QUOTE_MAX = 576 - 20 - 8  # RFC 1812 4.3.2.3: the error fits in 576 bytes
 ICMP_TOS = 0xC0  # precedence 6, internetwork control
@@ -92,12 +91,9 @@ def _icmp_error(data, free, top, meta, i, n, total, headroom, itype, icode, port
     if not _take_token(tokens, rate, now):
         events[C_ICMP_RATE] += 1
         return total
-    if total >= meta.shape[0]:
-        events[C_DEFERRED] += 1
-        return total
-    c = pool_alloc(free, top)
+    c = take_slot(free, top, meta, total)
     if c < 0:
-        events[C_POOL] += 1
+        events[C_DEFERRED if c == NO_ROW else C_POOL] += 1
         return total
     p = nh_port[nh]
     q = rd16(pkt, l3 + 2)

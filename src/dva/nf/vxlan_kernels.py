@@ -21,7 +21,7 @@ from dva.nf.base import drop_code
 from dva.nf.router_arp import answer_arp, write_arp_request
 from dva.nf.table import I_EXPIRED, I_TOMBS, sorted_find, tbl_insert, tbl_lookup, tbl_sweep
 from dva.packet import layout as L
-from dva.packet.batch import new_row, row_copy
+from dva.packet.batch import NO_ROW, new_row, row_copy, take_slot
 from dva.packet.checksum import (
     csum_add,
     csum_fold,
@@ -36,7 +36,7 @@ from dva.packet.checksum import (
     wr48,
 )
 from dva.packet.parse import K2, hash_final, mulhi32, parse_frame
-from dva.packet.pool import pool_alloc, pool_copy
+from dva.packet.pool import pool_copy
 
 DROPS = (
     "runt",  # shorter than an Ethernet header (from the overlay, or inside a VXLAN packet)
@@ -155,12 +155,9 @@ def _fold(acc):
 def _arp_request(data, free, top, meta, total, headroom, target, cfg, hops, events):
     """Append a broadcast ARP request for ``target`` out the underlay; returns the row
     count (unchanged when no row or slot was free)."""
-    if total >= meta.shape[0]:
-        events[C_DEFERRED] += 1
-        return total
-    c = pool_alloc(free, top)
+    c = take_slot(free, top, meta, total)
     if c < 0:
-        events[C_POOL] += 1
+        events[C_DEFERRED if c == NO_ROW else C_POOL] += 1
         return total
     n = write_arp_request(data[c], headroom, cfg[G_MAC], cfg[G_LOCAL], target)
     new_row(meta, total, c, headroom, n, UNDERLAY, hops, N_ARP_REQUEST)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dva._jit import kernel
 from dva.packet import layout as L
-from dva.packet.pool import PacketPool, PoolExhausted
+from dva.packet.pool import PacketPool, PoolExhausted, pool_alloc
 
 
 @kernel
@@ -24,6 +24,20 @@ def row_copy(dst, di, src, si):
     runtime to allocate the temporary it may need)."""
     for f in range(L.NFIELDS):
         dst[di, f] = src[si, f]
+
+
+NO_ROW, NO_SLOT = -1, -2  # take_slot's failures
+
+
+@kernel
+def take_slot(free, top, meta, total):
+    """A pool slot for the row a device is about to append at ``total``: the slot,
+    ``NO_ROW`` when the batch has no room for another row, ``NO_SLOT`` when the pool
+    is empty."""
+    if total >= meta.shape[0]:
+        return NO_ROW
+    c = pool_alloc(free, top)
+    return c if c >= 0 else NO_SLOT
 
 
 @kernel
