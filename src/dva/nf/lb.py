@@ -127,7 +127,6 @@ from dva.nf.xlat import (
     KIND_ORIG,
     KIND_XLAT,
     NUSER,
-    SLACK,
     U_KIND,
     U_O,
     U_PORTS,
@@ -422,12 +421,12 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     vals[e1, U_T + 1] = nsp
     vals[e1, U_T + 2] = nda
     vals[e1, U_T + 3] = ndp
-    vals[e1, U_PORTS] = 0 | (1 << 8)
-    vals[e1, U_REFRESH] = 0
+    vals[e1, U_PORTS] = 1 << 8  # in by port 0 (front), out by port 1 (back)
+    vals[e1, U_REFRESH] = 0  # so E2's lifetime is due now
     vals[e1, U_BACKEND] = b
     a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
     e2 = tbl_insert(keys, state, bucket, expires, info, key2, row[L.BUCKET],
-                    expires[e1] + SLACK, now)
+                    refresh_due(vals, expires, e1, now), now)
     if e2 < 0:
         ct_delete(state, info, e1)
         return -1 - D_TABLE_FULL
@@ -435,8 +434,6 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
         vals[e2, w] = vals[e1, w]
     vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
     vals[e2, U_KIND] = KIND_XLAT
-    exp = refresh_due(vals, expires, e1, now)
-    expires[e2] = exp if exp > 0.0 else expires[e1] + SLACK
     translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
     events[C_BALANCED] += 1
     events[C_BACKENDS + 2 * b] += 1
