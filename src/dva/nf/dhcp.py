@@ -109,7 +109,6 @@ from dva.nf.dhcp_defs import (
     B_CIADDR,
     B_FLAGS,
     B_GIADDR,
-    BCAST_MAC,
     BROADCAST_FLAG,
     C_ACKS,
     C_ARP_REPLY,
@@ -414,11 +413,11 @@ class DhcpState(DeviceState):
 def _reply_to(mtype, flags, ciaddr, yiaddr, chaddr, src_mac):
     """(IP, MAC) a reply goes to (RFC 2131 4.1, giaddr 0)."""
     if mtype == NAK:
-        return M32, BCAST_MAC
+        return M32, L.BCAST_MAC
     if ciaddr != 0:
         return ciaddr, src_mac
     if flags & BROADCAST_FLAG:
-        return M32, BCAST_MAC
+        return M32, L.BCAST_MAC
     return yiaddr, chaddr
 
 
@@ -516,7 +515,7 @@ def dhcp_kernel(data, meta, n, cfg, res, dns, domain, st, events, key, msg, cid,
         slot = row[L.SLOT]
         pkt = data[slot, s:s + row[L.LEN]]
         dmac = rd48(pkt, 0)
-        if dmac != cfg[G_MAC] and dmac != BCAST_MAC:
+        if dmac != cfg[G_MAC] and dmac != L.BCAST_MAC:
             row[L.VERDICT] = drop_code(D_NOT_FOR_ME)
             continue
         etype = row[L.ETYPE]

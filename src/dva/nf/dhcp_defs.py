@@ -104,6 +104,5 @@ CID_EXACT = 28  # client identifiers up to this long are kept whole (7 bytes per
 M_CHANGES, M_IP_ID = 0, 1
 NMISC = 2
 
-BCAST_MAC = 0xFFFFFFFFFFFF
 M32 = 0xFFFFFFFF
 MIN_LEASE = 60  # a client may ask for a shorter lease than configured, not below this

@@ -138,7 +138,6 @@ from dva.nf.lpm import Lpm, lpm_lookup
 from dva.nf.router_arp import _arp_in, _scan, _send
 from dva.nf.router_defs import (
     ARP_RETRY,
-    BCAST_MAC,
     C_ARP_EXPIRED,
     C_ECHO,
     D_BAD_CSUM,
@@ -599,7 +598,7 @@ def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_b
         s = row[L.START]
         pkt = data[row[L.SLOT], s:s + row[L.LEN]]
         dmac = rd48(pkt, 0)
-        if dmac != port_mac[inp] and dmac != BCAST_MAC:
+        if dmac != port_mac[inp] and dmac != L.BCAST_MAC:
             row[L.VERDICT] = drop_code(D_NOT_FOR_ME)
             row[L.NOTE] = N_NOT_FOR_ME
             continue
@@ -621,7 +620,7 @@ def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_b
         l3 = row[L.L3_OFF]
         src = rd32(pkt, l3 + 12)
         dst = rd32(pkt, l3 + 16)
-        if dmac == BCAST_MAC or dst == M32 or (dst >> 28) == 14:
+        if dmac == L.BCAST_MAC or dst == M32 or (dst >> 28) == 14:
             row[L.VERDICT] = drop_code(D_BROADCAST)
             continue
         if _martian(src) or (src >> 29) == 7:

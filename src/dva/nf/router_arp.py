@@ -50,7 +50,6 @@ from dva._jit import i64, kernel
 from dva.nf.base import HOLD, drop_code
 from dva.nf.router_defs import (
     ARP_RETRY,
-    BCAST_MAC,
     C_ARP_FULL,
     C_ARP_LEARNED,
     C_ARP_REPLY,
@@ -91,7 +90,7 @@ FOREVER = 1e18  # pending entries are deleted explicitly, never expire
 def write_arp_request(buf, h, mac, ip, target):
     """A broadcast ARP request from (``mac``, ``ip``) for ``target``, written at ``h``;
     returns its length (60: padded to the Ethernet minimum)."""
-    wr48(buf, h, BCAST_MAC)
+    wr48(buf, h, L.BCAST_MAC)
     wr48(buf, h + 6, mac)
     wr16(buf, h + 12, L.ETH_ARP)
     wr16(buf, h + 14, 1)

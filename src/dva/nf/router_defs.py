@@ -63,6 +63,5 @@ P_ARP_TIMEOUT, P_ARP_HOLD, P_ICMP_RATE = 0, 1, 2
 # misc[] (int64)
 M_HQN, M_EPOCH, M_REL_EPOCH, M_IP_ID, M_REBUILD = 0, 1, 2, 3, 4
 
-BCAST_MAC = 0xFFFFFFFFFFFF
 M32 = 0xFFFFFFFF
 ARP_RETRY = 0.09  # seconds between ARP requests for one next hop (engine ticks: 0.1 s)

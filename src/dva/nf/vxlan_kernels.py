@@ -93,7 +93,6 @@ OUTER_IP_OVERHEAD = 36  # what the mtu (an IP packet size) adds to the inner fra
 VXLAN_I = 0x08  # the "VNI valid" flag (RFC 7348 5)
 SPORT_BASE = 0xC000  # source ports 49152-65535 (RFC 7348 5, RFC 6335)
 ARP_RETRY = 1.0  # seconds between ARP requests for one next hop
-BCAST_MAC = 0xFFFFFFFFFFFF
 M32 = 0xFFFFFFFF
 
 # dv[] (int64): NCFG config words, then the arrays vtep_ip[NV] (sorted), vtep_nh[NV]
@@ -590,7 +589,7 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
 
         # -- underlay ------------------------------------------------------------------
         dmac = rd48(buf, s)
-        if dmac != cfg[G_MAC] and dmac != BCAST_MAC:
+        if dmac != cfg[G_MAC] and dmac != L.BCAST_MAC:
             row[L.VERDICT] = drop_code(D_NOT_FOR_ME)
             continue
         etype = row[L.ETYPE]
@@ -607,7 +606,7 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
         if row[L.PFLAGS] & L.F_IP_CSUM_BAD:
             row[L.VERDICT] = drop_code(D_BAD_CSUM)
             continue
-        if dmac == BCAST_MAC or rd32(buf, s + row[L.L3_OFF] + 16) != cfg[G_LOCAL]:
+        if dmac == L.BCAST_MAC or rd32(buf, s + row[L.L3_OFF] + 16) != cfg[G_LOCAL]:
             row[L.VERDICT] = drop_code(D_NOT_FOR_ME)
             continue
         if row[L.PFLAGS] & L.F_FRAG:

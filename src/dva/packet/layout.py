@@ -54,6 +54,9 @@ F_LATER_FRAG = 256  # a non-first fragment: no L4 header
 F_ICMP_ERROR = 512  # ICMP/ICMPv6 error; HASH is that of the quoted flow
 F_IPV6_EXT = 1024  # IPv6 extension headers were skipped
 
+# --- Ethernet ----------------------------------------------------------------------
+BCAST_MAC = 0xFFFFFFFFFFFF  # ff:ff:ff:ff:ff:ff as the 48-bit value rd48 reads
+
 # --- ethertypes -------------------------------------------------------------------
 ETH_IPV4 = 0x0800
 ETH_ARP = 0x0806
