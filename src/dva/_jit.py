@@ -184,3 +184,52 @@ if JIT_ENABLED:
 
     load_be16, load_be32, load_be64 = _loader(16), _loader(32), _loader(64)
     store_be16, store_be32, store_be64 = _storer(16), _storer(32), _storer(64)
+
+
+# -- acquire loads and release stores ------------------------------------------------
+#
+# The rings between processes (dva.packet.ring) publish descriptors with a release
+# store of the producer index and read them after an acquire load of it: the
+# compiler may not move the descriptor writes after the index store (or the reads
+# before the load), whatever the CPU's own ordering. On x86 both compile to plain
+# moves; the ordering they buy is the compiler's. The reference (JIT off) runs in
+# the interpreter, which keeps program order.
+
+if JIT_ENABLED:
+    def _word_pointer(context, builder, sig, args):
+        aty, oty = sig.args[0], sig.args[1]
+        ary = context.make_array(aty)(context, builder, args[0])
+        off = context.cast(builder, args[1], oty, _t.intp)
+        return _cg.get_item_pointer(context, builder, aty, ary, [off], wraparound=False)
+
+    @_intrinsic
+    def load_acquire(typingctx, arr, off):
+        """``arr[off]`` of an int64 array, loaded with acquire ordering."""
+        if not isinstance(arr, _t.Array) or arr.dtype != _t.int64 or arr.ndim != 1:
+            return None
+        sig = _t.int64(arr, off)
+
+        def codegen(context, builder, sig, args):
+            return builder.load_atomic(_word_pointer(context, builder, sig, args),
+                                       ordering="acquire", align=8)
+        return sig, codegen
+
+    @_intrinsic
+    def store_release(typingctx, arr, off, value):
+        """``arr[off] = value`` on an int64 array, stored with release ordering."""
+        if not isinstance(arr, _t.Array) or arr.dtype != _t.int64 or arr.ndim != 1:
+            return None
+        sig = _t.void(arr, off, value)
+
+        def codegen(context, builder, sig, args):
+            v = context.cast(builder, args[2], sig.args[2], _t.int64)
+            builder.store_atomic(v, _word_pointer(context, builder, sig, args),
+                                 ordering="release", align=8)
+            return context.get_dummy_value()
+        return sig, codegen
+else:
+    def load_acquire(arr, off):
+        return int(arr[off])
+
+    def store_release(arr, off, value):
+        arr[off] = value

@@ -142,6 +142,17 @@ class DeviceState:
     def import_shared(self, data: bytes, now: float) -> int:
         return _unpack_into(self.shared_tables, data, now)
 
+    def merge_shared(self, data: bytes, now: float) -> int:
+        """Fold another worker's replica of the shared tables in (newest entry wins:
+        :meth:`HashTable.merge_entries`)."""
+        n = 0
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            for name in z.files:
+                t = self.shared_tables.get(name)
+                if t is not None:
+                    n += t.merge_entries(z[name].tobytes(), now)
+        return n
+
     def held_slots(self) -> int:
         """Packet slots this state keeps right now (HOLD verdicts not yet released)."""
         return 0
@@ -207,6 +218,13 @@ class Device(ABC):
     @abstractmethod
     def process(self, batch, state: DeviceState, now: float) -> None:
         """Decide every row of ``batch`` (rows' ``IN_PORT`` is a port index)."""
+
+    def bucket_aliases(self) -> list[tuple[int, ...]]:
+        """Endpoints this device rewrites without keeping the flow bucket (port
+        forwards, 1:1 NAT, load-balanced backends), as alias rows of
+        :mod:`dva.packet.steer`: the runtime buckets them as their canonical endpoint so
+        both directions of a rewritten flow reach the worker that owns it."""
+        return []
 
     def describe(self) -> str:
         """One line for ``dva trace`` and status views."""

@@ -641,6 +641,19 @@ class Lb(Device):
         self.timeouts = timeouts_array(config.timeouts)
         self.flush_on_reload = config.flush
 
+    def bucket_aliases(self) -> list[tuple[int, ...]]:
+        """In DNAT mode a reply comes from the backend: a backend endpoint stands for
+        its VIP (full-NAT picks bucket-keeping source ports instead)."""
+        if self.config.mode != "dnat":
+            return []
+        rows = []
+        for vip in self.config.vips.values():
+            proto = L.PROTO_TCP if vip.proto == "tcp" else L.PROTO_UDP
+            va = host_address(vip.addr)
+            for a, port in vip.endpoints():
+                rows.append((proto, a, port, port, va, vip.port))
+        return rows
+
     def new_state(self) -> LbState:
         return LbState(self.config)
 

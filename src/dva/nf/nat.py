@@ -693,6 +693,16 @@ class Nat(Device):
         self.timeouts = timeouts_array(config.timeouts)
         self.flush_on_reload = config.flush
 
+    def bucket_aliases(self) -> list[tuple[int, ...]]:
+        """A port forward's public endpoint stands for its inside target (the public
+        address may be any, so the inside one is canonical); a static outside address
+        for its inside address, every protocol and port."""
+        c = self.config
+        rows = [d.row() for d in c.dnat]
+        rows += [(-1, host_address(m.outside), 0, 65535, host_address(m.inside), -1)
+                 for m in c.static]
+        return rows
+
     def new_state(self) -> NatState:
         return NatState(self.config)
 

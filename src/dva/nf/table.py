@@ -173,6 +173,30 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
     return failed
 
 
+@kernel
+def _merge(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iexpires, now):
+    """Insert the given entries, or overwrite equal keys whose entry expires earlier
+    (the newer news wins); returns how many did not fit."""
+    failed = 0
+    for i in range(ikeys.shape[0]):
+        if iexpires[i] < now:
+            continue
+        s = tbl_lookup(keys, state, expires, info, ikeys[i], now)
+        if s >= 0 and expires[s] >= iexpires[i]:
+            continue
+        if s < 0:
+            s = tbl_insert(keys, state, bucket, expires, info, ikeys[i], ibucket[i],
+                           iexpires[i], now)
+            if s < 0:
+                failed += 1
+                continue
+        bucket[s] = ibucket[i]
+        expires[s] = iexpires[i]
+        for w in range(vals.shape[1]):
+            vals[s, w] = ivals[i, w]
+    return failed
+
+
 @inline_kernel
 def sorted_find(arr, x):
     """Index of ``x`` in the sorted array ``arr``, or -1 (binary search: small sets of
@@ -332,6 +356,21 @@ class HashTable:
         if failed:
             raise TableFull(f"{failed} of {len(keys)} imported entries did not fit "
                             f"(limit {self.max_entries})")
+        return len(keys)
+
+    def merge_entries(self, data: bytes, now: float) -> int:
+        """Fold exported entries of another worker's replica in: a key this table lacks
+        is inserted, one it has is overwritten only by an entry that expires later
+        (refreshed more recently). Returns the entries offered; entries that find no
+        room are skipped (a replica is a cache: the owner still has them)."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            kw, vw = (int(x) for x in z["shape"])
+            if (kw, vw) != (self.key_words, self.value_words):
+                raise ValueError(f"entries of shape {kw}+{vw} words do not fit a table "
+                                 f"of {self.key_words}+{self.value_words}")
+            keys = z["keys"]
+            _merge(self.keys, self.vals, self.state, self.bucket, self.expires, self.info,
+                   keys, z["vals"], z["bucket"], z["expires"], now)
         return len(keys)
 
     def remove_buckets(self, buckets, now: float) -> int:

@@ -36,7 +36,9 @@ from dva.nf.base import DROP_BASE, HOLD, MULTI, Device, DeviceState
 from dva.packet import layout as L
 from dva.packet.batch import PacketBatch, row_copy
 from dva.packet.parse import parse_batch
+from dva.packet.steer import alias_buckets
 from dva.packet.pool import PacketPool, pool_copy, pool_release
+from dva.packet.steer import alias_table
 
 DEFAULT_HOP_LIMIT = 16
 # device counter slots besides rx/tx/drops; "invalid" are verdicts the engine could
@@ -59,24 +61,26 @@ class DeviceCounters:
 
 
 @kernel
-def ingress_kernel(data, meta, n, port, tenant, origin, bucket_mask):
-    """Stamp rows that arrived on ``port`` and parse them."""
+def ingress_kernel(data, meta, n, port, tenant, origin, bucket_mask, alias):
+    """Stamp rows that arrived on ``port``, parse them, apply the bucket aliases."""
     for i in range(n):
         meta[i, L.IN_PORT] = port
         meta[i, L.TENANT] = tenant
         meta[i, L.ORIGIN] = origin
         meta[i, L.HOPS] = 1
     parse_batch(data, meta, 0, n, bucket_mask)
+    alias_buckets(data, meta, 0, n, alias, bucket_mask)
 
 
 @kernel
-def finish_generated(data, meta, start, end, tenant, bucket_mask):
+def finish_generated(data, meta, start, end, tenant, bucket_mask, alias):
     """Rows a device generated: stamp tenant and origin, parse them (keeping the
     verdict, mask and hop count the device gave)."""
     for i in range(start, end):
         meta[i, L.TENANT] = tenant
         meta[i, L.ORIGIN] = -1
     parse_batch(data, meta, start, end, bucket_mask)
+    alias_buckets(data, meta, start, end, alias, bucket_mask)
 
 
 @kernel
@@ -213,6 +217,8 @@ class Engine:
         self.bucket_mask = nbuckets - 1
         self.hop_limit = hop_limit
         self.states = states or [d.new_state() for d in plan.devices]
+        # endpoints devices rewrite without keeping the bucket (dva.packet.steer)
+        self.alias = alias_table([r for d in plan.devices for r in d.bucket_aliases()])
         for st in self.states:  # devices that choose flow buckets (nat) need the count
             st.bucket_mask = self.bucket_mask
         self.counters = [DeviceCounters.for_device(d) for d in plan.devices]
@@ -260,7 +266,7 @@ class Engine:
         if origin < 0:
             self.injected += n
         ingress_kernel(self.pool.data, batch.meta, n, port, self.tenant_id, origin,
-                       self.bucket_mask)
+                       self.bucket_mask, self.alias)
         q = self.inq[dev]
         if q.n == 0 and q.capacity >= batch.capacity:
             # Take the rows without copying: swap metadata matrices (the caller's
@@ -287,8 +293,8 @@ class Engine:
         Meant for a throwaway engine on the same plan: device time starts at 0."""
         b = PacketBatch(self.pool, 4)
         data, meta = self.pool.data, b.meta
-        ingress_kernel(data, meta, 0, 0, self.tenant_id, -1, self.bucket_mask)
-        finish_generated(data, meta, 0, 0, self.tenant_id, self.bucket_mask)
+        ingress_kernel(data, meta, 0, 0, self.tenant_id, -1, self.bucket_mask, self.alias)
+        finish_generated(data, meta, 0, 0, self.tenant_id, self.bucket_mask, self.alias)
         for d, dev in enumerate(self.plan.devices):
             c = self.counters[d]
             count_rx(meta, 0, c.rx, DROP_BASE - len(dev.drop_reasons))
@@ -330,7 +336,7 @@ class Engine:
             dev.process(b, self.states[d], now)
             if b.n > n_in:
                 finish_generated(self.pool.data, b.meta, n_in, b.n, self.tenant_id,
-                                 self.bucket_mask)
+                                 self.bucket_mask, self.alias)
             if self.tracer is not None:
                 self.tracer(d, b, n_in)
             worst = b.n * max(1, len(dev.ports))

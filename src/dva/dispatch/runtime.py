@@ -1,0 +1,843 @@
+"""The multi-process runtime on one host: a dispatcher, N data-plane workers, a manager.
+
+This process is the **dispatcher** (it owns every port of the running appliances)
+and, on one host, the **manager** too (config generations, worker health, shared-state
+replication, the control socket). Workers are forked children
+(:mod:`dva.worker.proc`) that share the packet pool and the rings with it
+(:mod:`dva.worker.bus`). ``workers=0`` is not this module: it is the inline runners
+(:mod:`dva.dispatch.offline`, :mod:`dva.dispatch.live`).
+
+Data path, per batch read from a port: parse and bucket the frames as the workers'
+engines will (tenant, symmetric flow hash, the appliance's bucket aliases), look each
+bucket up in the indirection table (bucket -> worker), and push one descriptor per
+packet on that worker's rx ring; a full ring drops the packet, counted per worker
+(``bus wN drop/ring_full``). What workers send back is transmitted on its port;
+slots go home to their owners. Each dispatcher slot lent to a worker is noted
+(``lent``), so a worker that dies gives them back (``bus wN slots_reclaimed``; the
+packets it had taken from its ring were lost with it, those still in its ring are
+counted as ``bus wN drop/worker_died``).
+
+Manager duties, between batches: every ``TICK`` look for dead workers (restarted at
+once with the current generation; its buckets keep their worker number, so they are
+served again as soon as it runs); every ``REPLICATE`` seconds gather each worker's
+shared tables and merge every replica into the others (newest entry wins, so MAC
+tables, ARP caches, NAT mappings and leases converge); ``apply`` a new generation
+(validated and built here first: an invalid file never reaches a worker); counters
+aggregated over the workers under the names of an inline run, plus ``bus ...`` and
+``worker ...`` ones.
+
+Offline (pcap/memory ports) the run is deterministic enough to compare with an
+inline run: inputs are read in capture-time order as :class:`OfflineRunner` does,
+ring pushes wait instead of dropping, and replication happens at every
+``REPLICATE`` boundary of capture time after all workers finished what they had
+(``sync``), so a trace whose shared tables are warm gives the same per-port output
+as one worker (worker-count invariance).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dva._jit import kernel
+from dva.graph.appliance import Appliance, ApplianceError, load_appliance
+from dva.graph.plan import compile_plan
+from dva.packet import layout as L
+from dva.packet.batch import PacketBatch
+from dva.packet.parse import parse_batch
+from dva.packet.pool import PacketPool, pool_release
+from dva.packet.ring import (
+    D_APP,
+    D_ATTACH,
+    D_BUCKET,
+    D_KIND,
+    D_LEN,
+    D_SLOT,
+    D_START,
+    D_TIME,
+    DESC_WORDS,
+    K_FREE,
+    K_PKT,
+    ring_count,
+    ring_pop,
+    ring_push,
+    ring_reset,
+)
+from dva.packet.steer import alias_buckets
+from dva.ports.offline import MemoryPort, PcapPort, PortError
+from dva.worker.bus import LOAD_BATCHES, LOAD_BEAT_NS, LOAD_BUSY_NS, LOAD_PACKETS, Bus
+from dva.worker.engine import DEFAULT_HOP_LIMIT, Engine
+from dva.worker.proc import free_descs, worker_entry
+from dva.worker.reload import ReloadRejected, attachment_problems
+
+TICK = 0.1
+REPLICATE = 0.1
+LIVE_KINDS = ("af_packet", "tap")
+BUS_DROPS = ("ring_full", "worker_died")
+STOP_TIMEOUT = 10.0
+
+
+def default_workers() -> int:
+    """One worker per core left after the dispatcher (at least one)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@kernel
+def steer_kernel(data, meta, n, tenant, alias, bucket_mask, table, app, att, t_ns,
+                 out, counts, lent):
+    """Parse and bucket ``n`` frames, then write each one's descriptor into the
+    buffer of the worker its bucket maps to (``out[w, counts[w]]``)."""
+    for i in range(n):
+        meta[i, L.TENANT] = tenant
+    parse_batch(data, meta, 0, n, bucket_mask)
+    alias_buckets(data, meta, 0, n, alias, bucket_mask)
+    for i in range(n):
+        b = meta[i, L.BUCKET]
+        w = table[b]
+        c = counts[w]
+        out[w, c, D_KIND] = K_PKT
+        out[w, c, D_SLOT] = meta[i, L.SLOT]
+        out[w, c, D_START] = meta[i, L.START]
+        out[w, c, D_LEN] = meta[i, L.LEN]
+        out[w, c, D_APP] = app
+        out[w, c, D_ATTACH] = att
+        out[w, c, D_BUCKET] = b
+        out[w, c, D_TIME] = t_ns
+        counts[w] = c + 1
+        lent[meta[i, L.SLOT]] = w
+
+
+@kernel
+def collect_kernel(desc, k, free, top, lent, app_base, ometa, on):
+    """Descriptors from a worker: ``K_FREE`` slots go back on our stack; ``K_PKT``
+    rows are appended to the output of their (appliance, attachment), in order.
+    Returns the packets collected."""
+    got = 0
+    lo = top[1]
+    hi = top[2]
+    for i in range(k):
+        s = desc[i, D_SLOT]
+        if s >= lo and s < hi:
+            lent[s] = -1
+        if desc[i, D_KIND] == K_FREE:
+            pool_release(free, top, s)
+            continue
+        g = app_base[desc[i, D_APP]] + desc[i, D_ATTACH]
+        r = on[g]
+        for f in range(L.NFIELDS):
+            ometa[g, r, f] = 0
+        ometa[g, r, L.SLOT] = s
+        ometa[g, r, L.START] = desc[i, D_START]
+        ometa[g, r, L.LEN] = desc[i, D_LEN]
+        ometa[g, r, L.VLAN] = -1
+        ometa[g, r, L.BUCKET] = desc[i, D_BUCKET]
+        on[g] = r + 1
+        got += 1
+    return got
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    proc: mp.Process | None = None
+    conn: object = None
+    expect: deque = field(default_factory=deque)  # reply handlers, in request order
+    started: float = 0.0
+    restarts: int = 0
+    last: dict | None = None  # the last counters it reported
+    pending_free: list = field(default_factory=list)  # its slots waiting to go home
+
+
+class Runtime:
+    """Dispatcher + manager of one host running ``apps`` on ``workers`` processes."""
+
+    def __init__(self, apps: list[Appliance], *, workers: int, live: bool,
+                 batch_size: int = 256, hop_limit: int = DEFAULT_HOP_LIMIT,
+                 nbuckets: int = 4096, max_workers: int | None = None,
+                 ring_capacity: int = 4096, dispatcher_slots: int = 16384,
+                 worker_slots: int = 4096, memory: dict[str, MemoryPort] | None = None,
+                 say: Callable[[str], None] | None = None) -> None:
+        if workers < 1:
+            raise ValueError("the runtime needs at least one worker (0 runs inline)")
+        if nbuckets <= 0 or nbuckets & (nbuckets - 1):
+            raise ValueError(f"bucket count must be a power of two, not {nbuckets}")
+        names = [a.qualified_name for a in apps]
+        if len(set(names)) != len(names):
+            raise ValueError("two appliances with the same tenant and name")
+        self.apps = list(apps)
+        self.live = live
+        self.batch_size = batch_size
+        self.hop_limit = hop_limit
+        self.nbuckets = nbuckets
+        self.say = say
+        self.messages: list[str] = []
+        self.max_workers = max(workers, max_workers or workers)
+        self.bus = Bus(max_workers=self.max_workers, dispatcher_slots=dispatcher_slots,
+                       worker_slots=worker_slots, ring_capacity=ring_capacity)
+        self.pool: PacketPool = self.bus.pool(-1)
+        tenants: list[str] = []
+        for a in apps:
+            if a.tenant not in tenants:
+                tenants.append(a.tenant)
+        self.tenant_ids = [tenants.index(a.tenant) for a in apps]
+        self.plans = [compile_plan(a) for a in apps]
+        self.alias = [Engine(p, PacketPool(64), tenant_id=t, nbuckets=nbuckets).alias
+                      for p, t in zip(self.plans, self.tenant_ids)]
+        self.app_base = np.zeros(len(apps) + 1, np.int64)
+        for i, p in enumerate(self.plans):
+            self.app_base[i + 1] = self.app_base[i] + len(p.attachments)
+        self.nattach = int(self.app_base[-1])
+        self.attach_refs = [(i, att.ref) for i, p in enumerate(self.plans)
+                            for att in p.attachments]
+        # bucket -> worker: round robin to start (dva scale rebalances later)
+        self.table = (np.arange(nbuckets, dtype=np.int64) % workers)
+        self.nworkers = workers
+        self.lent = np.full(self.bus.dispatcher_slots, -1, np.int64)
+        cap = max(batch_size, 256)
+        self.steer_out = np.zeros((self.max_workers, cap, DESC_WORDS), np.int64)
+        self.steer_n = np.zeros(self.max_workers, np.int64)
+        self.rxdesc = np.zeros((ring_capacity, DESC_WORDS), np.int64)
+        self.ocap = ring_capacity
+        self.ometa = np.zeros((max(self.nattach, 1), self.ocap, L.NFIELDS), np.int64)
+        self.on = np.zeros(max(self.nattach, 1), np.int64)
+        self.obatches = []
+        for g in range(self.nattach):
+            b = PacketBatch(self.pool, 1)
+            b.meta = self.ometa[g]
+            self.obatches.append(b)
+        self.bus_drops = np.zeros((self.max_workers, len(BUS_DROPS)), np.int64)
+        self.reclaimed = np.zeros(self.max_workers, np.int64)
+        self.ingress_drops = np.zeros((max(self.nattach, 1), 2), np.int64)  # too_long, pool
+        self.generation = 1
+        self.applies_rejected = 0
+        self.decisions: list[str] = []
+        self.memory = dict(memory or {})
+        self.ports: list = []
+        self.batch = PacketBatch(self.pool, batch_size)
+        self._stop = False
+        self._ctx = mp.get_context("fork")
+        self.workers = [WorkerHandle(w) for w in range(self.max_workers)]
+        self.started = time.monotonic()
+        self._warm()
+        try:
+            self._open_ports()
+            for w in range(workers):
+                self._start_worker(w)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ----------------------------------------------------------------------
+    def _warm(self) -> None:
+        """Compile every kernel before forking, so the workers inherit compiled code
+        and the first frames wait for no compiler."""
+        for p, t in zip(self.plans, self.tenant_ids):
+            Engine(p, PacketPool(256), tenant_id=t, nbuckets=self.nbuckets,
+                   hop_limit=self.hop_limit).warm()
+        b = PacketBatch(PacketPool(64), 4)
+        steer_kernel(b.pool.data, b.meta, 0, 0, self.alias[0], self.nbuckets - 1, self.table,
+                     0, 0, 0, self.steer_out, self.steer_n, self.lent)
+        collect_kernel(self.rxdesc, 0, self.pool.free, self.pool.top, self.lent,
+                       self.app_base, self.ometa, self.on)
+        free_descs(np.zeros(0, np.int64), self.rxdesc, 0)
+        ring_push(self.bus.rx[0], self.rxdesc, 0, 0)
+        ring_pop(self.bus.tx[0], self.rxdesc, 0)
+        ring_count(self.bus.tx[0])
+
+    def _open_ports(self) -> None:
+        for a, plan in enumerate(self.plans):
+            app = self.apps[a]
+            for att in plan.attachments:
+                spec = att.spec
+                if self.live:
+                    if spec.kind not in LIVE_KINDS:
+                        raise PortError(f"{att.ref}: a live run attaches only interfaces "
+                                        f"(af_packet, tap), not {spec.kind}")
+                    from dva.dispatch.live import AF_PACKET_RING
+                    from dva.ports.live import open_live
+                    kw = AF_PACKET_RING if spec.kind == "af_packet" else {}
+                    port = open_live(att.ref, spec.kind, spec.target, **kw)
+                    port.warm(self.batch)
+                elif spec.kind == "memory":
+                    port = self.memory.get(spec.memory)
+                    if port is None:
+                        port = self.memory[spec.memory] = MemoryPort(att.ref)
+                elif spec.kind == "pcap":
+                    r = app.resolve(spec.pcap.read) if spec.pcap.read else None
+                    if r is not None and not r.is_file():
+                        raise PortError(f"{att.ref}: pcap input {r} does not exist")
+                    w = app.resolve(spec.pcap.write) if spec.pcap.write else None
+                    port = PcapPort(att.ref, r, w)
+                else:
+                    raise PortError(f"{att.ref}: {spec.kind} attachments need a live run")
+                self.ports.append(port)
+
+    def _start_worker(self, w: int) -> None:
+        h = self.workers[w]
+        parent, child = self._ctx.Pipe(duplex=True)
+        kw = dict(batch_size=self.batch_size, hop_limit=self.hop_limit,
+                  nbuckets=self.nbuckets, ticks=self.live, generation=self.generation,
+                  tenant_ids=self.tenant_ids)
+        ring_reset(self.bus.rx[w])
+        ring_reset(self.bus.tx[w])
+        self.bus.load[w, :] = 0
+        p = self._ctx.Process(target=worker_entry, args=(w, self.bus, self.apps, child, kw),
+                              name=f"dva-worker-{w}", daemon=True)
+        p.start()
+        child.close()
+        h.proc, h.conn, h.started = p, parent, time.monotonic()
+        h.expect.clear()
+        h.pending_free = []
+
+    def _tell(self, line: str) -> None:
+        self.messages.append(line)
+        if self.say is not None:
+            self.say(line)
+
+    # -- requests to workers ---------------------------------------------------------
+    def _request(self, w: int, msg, handler=None) -> None:
+        h = self.workers[w]
+        h.conn.send(msg)
+        h.expect.append(handler)
+
+    def _poll_replies(self, w: int, block_for=None, timeout: float = 30.0):
+        """Handle replies that arrived; with ``block_for`` (a handler), wait until that
+        request's reply is handled and return it."""
+        h = self.workers[w]
+        end = time.monotonic() + timeout
+        result = None
+        while h.expect:
+            if block_for is None:
+                if not h.conn.poll():
+                    return None
+            else:
+                left = end - time.monotonic()
+                while not h.conn.poll(min(max(left, 0), 0.01)):
+                    self._collect_all()  # the worker may wait on a full tx ring
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"worker {w} did not answer")
+            try:
+                reply = h.conn.recv()
+            except (EOFError, OSError):
+                raise TimeoutError(f"worker {w} is gone") from None
+            handler = h.expect.popleft()
+            if handler is not None:
+                handler(reply)
+            if block_for is not None and handler is block_for:
+                return reply
+        return result
+
+    def call(self, w: int, msg, timeout: float = 30.0):
+        box = []
+
+        def done(reply):
+            box.append(reply)
+        self._request(w, msg, done)
+        self._poll_replies(w, block_for=done, timeout=timeout)
+        status, value = box[0]
+        if status != "ok":
+            raise RuntimeError(f"worker {w}: {value}")
+        return value
+
+    def active(self) -> list[int]:
+        return list(range(self.nworkers))
+
+    # -- the data path ---------------------------------------------------------------
+    def _steer(self, a: int, att: int, b: PacketBatch, t_ns: int, wait: bool) -> None:
+        n = b.n
+        if n == 0:
+            return
+        self.steer_n[:] = 0
+        steer_kernel(self.pool.data, b.meta, n, self.tenant_ids[a], self.alias[a],
+                     self.nbuckets - 1, self.table, a, att, t_ns, self.steer_out,
+                     self.steer_n, self.lent)
+        b.n = 0
+        for w in np.flatnonzero(self.steer_n):
+            c = int(self.steer_n[w])
+            ring = self.bus.rx[w]
+            i = ring_push(ring, self.steer_out[w], 0, c)
+            while i < c and wait:
+                self._collect_all()
+                i += ring_push(ring, self.steer_out[w], i, c - i)
+                if i < c:
+                    self._check_workers()
+                    time.sleep(0.0001)
+            if i < c:
+                self.bus_drops[w, 0] += c - i
+                for s in self.steer_out[w, i:c, D_SLOT]:
+                    self.lent[s] = -1
+                    self.pool.release(int(s))
+
+    def _collect_all(self) -> int:
+        got = 0
+        for w in self.active():
+            ring = self.bus.tx[w]
+            while True:
+                k = ring_pop(ring, self.rxdesc, self.ocap)
+                if k == 0:
+                    break
+                got += collect_kernel(self.rxdesc, k, self.pool.free, self.pool.top,
+                                      self.lent, self.app_base, self.ometa, self.on)
+                self._transmit()
+        self._return_slots()
+        return got
+
+    def _transmit(self) -> None:
+        for g in np.flatnonzero(self.on[:self.nattach]):
+            b = self.obatches[g]
+            b.n = int(self.on[g])
+            port = self.ports[g]
+            if self.live:
+                port.send(b)
+            else:
+                t = self.rxdesc[0, D_TIME] / 1e9
+                port.send(t, b.frames())
+            b.release_all()
+            self.on[g] = 0
+
+    def _return_slots(self) -> None:
+        """Send released worker slots home (``K_FREE`` on their rx ring)."""
+        if self.pool.top[3]:
+            back = self.pool.take_returns()
+            owners = self.bus.owner_of(back)
+            for w in np.unique(owners):
+                self.workers[int(w)].pending_free.extend(back[owners == w].tolist())
+        for h in self.workers:
+            if h.pending_free and h.proc is not None:
+                slots = np.array(h.pending_free, np.int64)
+                k = free_descs(slots, self.rxdesc, 0)
+                i = ring_push(self.bus.rx[h.index], self.rxdesc, 0, k)
+                h.pending_free = h.pending_free[i:]
+
+    # -- health ----------------------------------------------------------------------
+    def _check_workers(self) -> None:
+        for w in self.active():
+            h = self.workers[w]
+            if h.proc is not None and not h.proc.is_alive():
+                self._worker_died(w)
+
+    def _worker_died(self, w: int) -> None:
+        h = self.workers[w]
+        code = h.proc.exitcode
+        # what it already sent is good: transmit it before the rings are reset
+        ring = self.bus.tx[w]
+        while True:
+            k = ring_pop(ring, self.rxdesc, self.ocap)
+            if k == 0:
+                break
+            collect_kernel(self.rxdesc, k, self.pool.free, self.pool.top, self.lent,
+                           self.app_base, self.ometa, self.on)
+            self._transmit()
+        self.bus_drops[w, 1] += ring_count(self.bus.rx[w])
+        mine = np.flatnonzero(self.lent == w)
+        self.reclaimed[w] += len(mine)
+        for s in mine:
+            self.lent[s] = -1
+            self.pool.release(int(s))
+        if h.last is not None:
+            self._retire(h.last)
+            h.last = None
+        h.restarts += 1
+        h.pending_free = []
+        self._tell(f"worker {w} (pid {h.proc.pid}) died (exit code {code}); restarting it "
+                   f"with generation {self.generation}")
+        self._start_worker(w)
+        self.decisions.append(f"{time.strftime('%H:%M:%S')} restarted worker {w}: it died "
+                              f"(exit code {code})")
+
+    _retired: dict | None = None
+
+    def _retire(self, snap: dict) -> None:
+        """Keep the counters a dead worker last reported, so totals do not go back."""
+        if self._retired is None:
+            self._retired = {}
+        for a, part in enumerate(snap["apps"]):
+            d = self._retired.setdefault(a, {})
+            for k, v in part["counters"].items():
+                d[k] = d.get(k, 0) + v
+
+    # -- replication -----------------------------------------------------------------
+    def replicate(self, now: float, wait: bool = False) -> None:
+        """Every worker's shared tables merged into every other's (newest wins)."""
+        ws = self.active()
+        if len(ws) < 2:
+            return
+        got: dict[int, list] = {}
+
+        def gather(w):
+            def h(reply):
+                if reply[0] == "ok":
+                    got[w] = reply[1]
+                    if len(got) == len(ws):
+                        self._spread(got, now)
+            return h
+        for w in ws:
+            self._request(w, ("export", now), gather(w))
+        if wait:
+            for w in ws:
+                self.call(w, ("sync",))
+
+    def _spread(self, got: dict[int, list], now: float) -> None:
+        for w in got:
+            for src, parts in got.items():
+                if src != w:
+                    self._request(w, ("merge", parts, now))
+
+    # -- offline ---------------------------------------------------------------------
+    def run_offline(self) -> dict[str, int]:
+        """Run every input through the workers; returns the aggregated counters."""
+        next_rep = None
+        while True:
+            best, t0 = -1, None
+            for i, p in enumerate(self.ports):
+                t = p.peek()
+                if t is not None and (t0 is None or t < t0):
+                    best, t0 = i, t
+            if best < 0:
+                break
+            if next_rep is None:
+                next_rep = t0 + REPLICATE
+            if t0 >= next_rep:
+                self.sync()
+                self.replicate(t0, wait=True)
+                self.sync()
+                while next_rep <= t0:
+                    next_rep += REPLICATE
+            self._offline_batch(best, t0)
+            self._collect_all()
+            self._check_workers()
+        self.sync()
+        return self.stop()
+
+    def _offline_batch(self, g: int, t0: float) -> None:
+        others = [p.peek() for j, p in enumerate(self.ports) if j != g]
+        limit = min([t for t in others if t is not None], default=None)
+        port = self.ports[g]
+        b = self.batch
+        b.clear()
+        while b.n < self.batch_size:
+            t = port.peek()
+            if t is None or t > t0 + 1e-3 or (limit is not None and t > limit):
+                break
+            _, frame = port.take()
+            if len(frame) > self.pool.max_frame:
+                self.ingress_drops[g, 0] += 1
+                continue
+            while self.pool.available == 0:
+                self._collect_all()
+                self._check_workers()
+            b.add_frame(frame, origin=g)
+        a, _ = self.attach_refs[g]
+        self._steer(a, g - int(self.app_base[a]), b, int(round(t0 * 1e9)), wait=True)
+
+    def sync(self) -> None:
+        """Wait until every worker has processed its ring; collect what it sent."""
+        for w in self.active():
+            self.call(w, ("sync",))
+        self._collect_all()
+        for w in self.active():
+            self._poll_replies(w)
+
+    # -- live ------------------------------------------------------------------------
+    def run_live(self, duration: float | None = None,
+                 every_second: Callable[[Runtime], None] | None = None,
+                 control=None) -> None:
+        poller = select.poll()
+        for p in self.ports:
+            poller.register(p.fileno(), select.POLLIN)
+        end = None if duration is None else time.monotonic() + duration
+        next_tick = next_rep = time.monotonic()
+        next_second = next_tick + 1.0
+        idle = 0
+        while not self._stop:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            poller.poll(1 if idle < 200 else 20)
+            moved = 0
+            for g in range(len(self.ports)):
+                moved += self._pump(g)
+            moved += self._collect_all()
+            idle = 0 if moved else idle + 1
+            now = time.monotonic()
+            for w in self.active():
+                if self.workers[w].expect:
+                    self._poll_replies(w)
+            if now >= next_tick:
+                self._check_workers()
+                next_tick = now + TICK
+            if now >= next_rep:
+                self.replicate(now)
+                next_rep = now + REPLICATE
+            if control is not None:
+                control.serve(self)
+            if self._reload_job is not None and not self._reload_job.is_alive():
+                self._reload_job = None
+                self._finish_apply()
+            if now >= next_second:
+                self._read_kernel_drops()
+                for w in self.active():
+                    self._request(w, ("counters",), self._snapshot(w))
+                if every_second is not None:
+                    every_second(self)
+                next_second = now + 1.0
+        self._read_kernel_drops()
+
+    def _snapshot(self, w: int):
+        def h(reply):
+            if reply[0] == "ok":
+                self.workers[w].last = reply[1]
+        return h
+
+    def _pump(self, g: int) -> int:
+        port = self.ports[g]
+        a, _ = self.attach_refs[g]
+        att = g - int(self.app_base[a])
+        b = self.batch
+        moved = 0
+        for _ in range(64):
+            b.clear()
+            n = port.recv(b, self.batch_size)
+            if n == 0:
+                break
+            moved += n
+            self._steer(a, att, b, time.monotonic_ns(), wait=False)
+            if moved >= 4 * self.batch_size:
+                self._collect_all()
+        return moved
+
+    def _read_kernel_drops(self) -> None:
+        for p in self.ports:
+            try:
+                p.kernel_stats()
+            except (PortError, AttributeError):
+                pass
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    # -- config generations ----------------------------------------------------------
+    _reload_job: threading.Thread | None = None
+    _reload_built = None
+    _reload_done: Callable | None = None
+
+    def apply(self, path: str | None = None, text: str | None = None,
+              done: Callable[[bool, str], None] | None = None) -> None:
+        """Validate and build the new config for the appliance of the same name in the
+        background; when built, every worker swaps to it (``done(ok, message)``)."""
+        if self._reload_job is not None:
+            if done:
+                done(False, "another apply is in progress")
+            return
+        self._reload_done = done
+        self._reload_job = threading.Thread(target=self._build, args=(path, text),
+                                            daemon=True, name="dva-apply")
+        self._reload_job.start()
+
+    def _build(self, path, text) -> None:
+        try:
+            if text is None:
+                app = load_appliance(path)
+                text = open(path).read()
+            else:
+                from dva.graph.appliance import parse_appliance
+                app = parse_appliance(text, source=path or "<apply>")
+            names = [x.qualified_name for x in self.apps]
+            if app.qualified_name not in names:
+                raise ReloadRejected(f"no running appliance {app.qualified_name} (this "
+                                     f"instance runs {', '.join(names)})")
+            a = names.index(app.qualified_name)
+            plan = compile_plan(app)
+            problems = attachment_problems(self.plans[a], plan)
+            if problems:
+                raise ReloadRejected("attachments cannot change while running", problems)
+            Engine(plan, PacketPool(256), tenant_id=self.tenant_ids[a],
+                   nbuckets=self.nbuckets, hop_limit=self.hop_limit).warm()
+            self._reload_built = (a, app, text)
+        except ApplianceError as e:
+            self._reload_built = ReloadRejected("invalid appliance",
+                                                e.render().splitlines()[1:])
+        except ReloadRejected as e:
+            self._reload_built = e
+        except Exception as e:
+            self._reload_built = ReloadRejected(f"{type(e).__name__}: {e}")
+
+    def _finish_apply(self) -> None:
+        built, self._reload_built = self._reload_built, None
+        done, self._reload_done = self._reload_done, None
+        if isinstance(built, ReloadRejected):
+            self.applies_rejected += 1
+            msg = (f"apply rejected: {built.reason}; generation {self.generation} keeps "
+                   f"running" + "".join(f"\n  {p.strip()}" for p in built.problems))
+            self._tell(msg)
+            if done:
+                done(False, msg)
+            return
+        a, app, text = built
+        gen = self.generation + 1
+        errors = []
+        for w in self.active():
+            try:
+                self.call(w, ("apply", gen, a, text, app.source))
+            except (RuntimeError, TimeoutError) as e:
+                errors.append(str(e))
+        self.apps[a] = app
+        self.generation = gen
+        msg = f"applied {app.source}: generation {gen}"
+        if errors:
+            msg += " (" + "; ".join(errors) + ")"
+        self._tell(msg)
+        if done:
+            done(not errors, msg)
+
+    def wait_apply(self, timeout: float = 60.0) -> None:
+        """Offline/tests: finish a pending apply now."""
+        end = time.monotonic() + timeout
+        while self._reload_job is not None and self._reload_job.is_alive():
+            if time.monotonic() > end:
+                raise TimeoutError("apply did not finish")
+            self._collect_all()
+            time.sleep(0.001)
+        if self._reload_job is not None:
+            self._reload_job = None
+            self._finish_apply()
+
+    # -- counters and status ---------------------------------------------------------
+    def worker_counters(self) -> list[dict]:
+        out = []
+        for w in self.active():
+            try:
+                snap = self.call(w, ("counters",), timeout=5.0)
+            except (RuntimeError, TimeoutError):
+                snap = self.workers[w].last
+            if snap is not None:
+                self.workers[w].last = snap
+                out.append(snap)
+        return out
+
+    def counters(self, snaps: list[dict] | None = None) -> dict[str, int]:
+        """Every counter of an inline run (device, graph, attachment ones), summed
+        over the workers, plus the runtime's own."""
+        snaps = self.worker_counters() if snaps is None else snaps
+        c: dict[str, int] = {}
+        multi = len(self.apps) > 1
+        for a, app in enumerate(self.apps):
+            pre = f"{app.qualified_name}: " if multi else ""
+            tot: dict[str, int] = dict((self._retired or {}).get(a, {}))
+            for s in snaps:
+                for k, v in s["apps"][a]["counters"].items():
+                    tot[k] = tot.get(k, 0) + v
+            for k, v in tot.items():
+                c[pre + k] = v
+        for g, (a, ref) in enumerate(self.attach_refs):
+            pre = f"{self.apps[a].qualified_name}: " if multi else ""
+            p = self.ports[g]
+            if not self.live:  # the names of an offline run (a full pool waits here)
+                c[f"{pre}attach {ref} drop/too_long"] = int(self.ingress_drops[g, 0])
+                c[f"{pre}attach {ref} drop/pool_exhausted"] = int(self.ingress_drops[g, 1])
+            else:
+                c[f"{pre}port {ref} rx"] = p.rx
+                c[f"{pre}port {ref} tx"] = p.tx
+                for name, v in p.drops.items():
+                    c[f"{pre}attach {ref} drop/{name}"] = v
+        for w in range(self.max_workers):
+            if w >= self.nworkers and not self.bus_drops[w].any():
+                continue
+            for r, name in enumerate(BUS_DROPS):
+                c[f"bus w{w} drop/{name}"] = int(self.bus_drops[w, r])
+            c[f"bus w{w} slots_reclaimed"] = int(self.reclaimed[w])
+            c[f"worker w{w} restarts"] = self.workers[w].restarts
+        c["config generation"] = self.generation
+        c["config applies_rejected"] = self.applies_rejected
+        return c
+
+    def accounting_errors(self, snaps: list[dict] | None = None) -> list[str]:
+        snaps = self.worker_counters() if snaps is None else snaps
+        errs = []
+        for w, s in zip(self.active(), snaps):
+            for a, part in enumerate(s["apps"]):
+                errs += [f"worker {w}: {e}" for e in part["errors"]]
+        return errs
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        units = []
+        for w in self.active():
+            h = self.workers[w]
+            ld = self.bus.load[w]
+            alive = h.proc is not None and h.proc.is_alive()
+            units.append({
+                "unit": f"worker {w}", "pid": h.proc.pid if h.proc else None,
+                "alive": alive, "restarts": h.restarts,
+                "buckets": int((self.table == w).sum()),
+                "busy_s": round(int(ld[LOAD_BUSY_NS]) / 1e9, 3),
+                "busy_fraction": round(int(ld[LOAD_BUSY_NS]) / 1e9
+                                       / max(now - h.started, 1e-9), 4),
+                "batches": int(ld[LOAD_BATCHES]), "packets": int(ld[LOAD_PACKETS]),
+                "ring": int(ring_count(self.bus.rx[w])),
+                "heartbeat_age_s": (round(now - int(ld[LOAD_BEAT_NS]) / 1e9, 3)
+                                    if ld[LOAD_BEAT_NS] else None),
+            })
+        return {"generation": self.generation, "workers": self.nworkers,
+                "appliances": [a.qualified_name for a in self.apps],
+                "uptime_s": round(now - self.started, 1), "units": units,
+                "dispatcher": {"pid": os.getpid(), "free_slots": self.pool.available,
+                               "owned_slots": self.pool.owned},
+                "decisions": self.decisions[-20:]}
+
+    # -- stop ------------------------------------------------------------------------
+    def stop(self) -> dict[str, int]:
+        """Drain every worker, collect its final counters, end it; returns the
+        aggregated counters (also in ``final``)."""
+        snaps = []
+        for w in self.active():
+            h = self.workers[w]
+            if h.proc is None or not h.proc.is_alive():
+                continue
+            try:
+                snaps.append(self.call(w, ("stop",), timeout=STOP_TIMEOUT))
+            except (RuntimeError, TimeoutError, OSError):
+                pass
+        self._collect_all()
+        for w in self.active():
+            h = self.workers[w]
+            if h.proc is not None:
+                h.proc.join(STOP_TIMEOUT)
+                if h.proc.is_alive():
+                    h.proc.kill()
+                    h.proc.join()
+        self.final_snaps = snaps
+        self.final = self.counters(snaps)
+        self.final_errors = self.accounting_errors(snaps)
+        self.stopped = True
+        return self.final
+
+    stopped = False
+
+    def close(self) -> None:
+        for h in self.workers:
+            if h.proc is not None and h.proc.is_alive():
+                h.proc.kill()
+                h.proc.join()
+        for p in self.ports:
+            try:
+                p.close()
+            except Exception:
+                pass
+        self.ports = []
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,350 @@
+"""A data-plane worker process: every appliance's graph over the batches it is given.
+
+The dispatcher forks one per worker (``dva.dispatch.runtime``). A worker owns the
+flow state of the buckets the dispatcher steers to it and keeps a replica of every
+device's shared tables (MAC tables, ARP caches, NAT mappings, leases), which the
+manager keeps converging (``merge`` messages, newest entry wins).
+
+Loop: take up to a batch of descriptors from the rx ring; ``K_FREE`` ones put own
+slots back on the free stack; runs of ``K_PKT`` of one (appliance, attachment) become
+a batch for that appliance's engine (``now`` = the dispatcher's receive time); what
+the engines send out of attachments goes on the tx ring as ``K_PKT``, the slots of
+others released here go home as ``K_FREE``. A full tx ring makes the worker wait
+(the dispatcher always drains it); it then takes no new input, so back-pressure
+reaches the dispatcher's rx-ring push, which counts it. Live (``ticks``), every
+``TICK`` seconds the engines tick (ARP retries, held packets).
+
+Control (a pipe; the out-of-band bus), between batches: ``counters``, ``export``
+(shared tables), ``merge`` (another replica's), ``apply`` (a new config generation:
+built, then swapped in once nothing is held or after ``HOLD_DRAIN``), ``sync``
+(answer once the rx ring is empty and every output is on the tx ring), ``stop``
+(drain, answer the final counters, exit). Load words on the bus (busy ns, batches,
+packets, heartbeat) are written every loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+
+import numpy as np
+
+from dva._jit import kernel
+from dva.graph.appliance import parse_appliance
+from dva.packet import layout as L
+from dva.packet.batch import PacketBatch
+from dva.packet.ring import (
+    D_APP,
+    D_ATTACH,
+    D_BUCKET,
+    D_KIND,
+    D_LEN,
+    D_SLOT,
+    D_START,
+    D_TIME,
+    DESC_WORDS,
+    K_FREE,
+    K_PKT,
+    ring_count,
+    ring_pop,
+    ring_push,
+)
+from dva.packet.pool import pool_release
+from dva.worker.bus import LOAD_BATCHES, LOAD_BEAT_NS, LOAD_BUSY_NS, LOAD_GEN, LOAD_PACKETS
+from dva.worker.engine import Engine
+from dva.worker.reload import HOLD_DRAIN, held_packets, prepare, swap
+
+TICK = 0.1
+
+
+@kernel
+def take_run(desc, i, k, meta, free, top):
+    """From descriptor ``i`` on: release ``K_FREE`` slots, copy the run of ``K_PKT``
+    descriptors of one (appliance, attachment) into ``meta``. Returns the index after
+    the run, the rows copied (in ``meta``'s first rows), and the run's appliance and
+    attachment."""
+    n = 0
+    app = -1
+    att = -1
+    while i < k:
+        kind = desc[i, D_KIND]
+        if kind == K_FREE:
+            pool_release(free, top, desc[i, D_SLOT])
+            i += 1
+            continue
+        if n == 0:
+            app = desc[i, D_APP]
+            att = desc[i, D_ATTACH]
+        elif desc[i, D_APP] != app or desc[i, D_ATTACH] != att or n >= meta.shape[0]:
+            break
+        for f in range(L.NFIELDS):
+            meta[n, f] = 0
+        meta[n, L.SLOT] = desc[i, D_SLOT]
+        meta[n, L.START] = desc[i, D_START]
+        meta[n, L.LEN] = desc[i, D_LEN]
+        meta[n, L.VLAN] = -1
+        n += 1
+        i += 1
+    return i, n, app, att
+
+
+@kernel
+def put_descs(meta, n, app, att, t_ns, out, k0):
+    """``K_PKT`` descriptors for ``n`` rows sent out attachment ``att``."""
+    for j in range(n):
+        o = k0 + j
+        out[o, D_KIND] = K_PKT
+        out[o, D_SLOT] = meta[j, L.SLOT]
+        out[o, D_START] = meta[j, L.START]
+        out[o, D_LEN] = meta[j, L.LEN]
+        out[o, D_APP] = app
+        out[o, D_ATTACH] = att
+        out[o, D_BUCKET] = meta[j, L.BUCKET]
+        out[o, D_TIME] = t_ns
+    return k0 + n
+
+
+@kernel
+def free_descs(slots, out, k0):
+    for j in range(slots.shape[0]):
+        o = k0 + j
+        for f in range(DESC_WORDS):
+            out[o, f] = 0
+        out[o, D_KIND] = K_FREE
+        out[o, D_SLOT] = slots[j]
+    return k0 + slots.shape[0]
+
+
+class AppSlot:
+    """One appliance as a worker runs it: its engine and the map between the
+    dispatcher's attachment numbers (the first generation's) and the engine's."""
+
+    def __init__(self, engine: Engine, first_refs: list[str]) -> None:
+        self.first_refs = first_refs
+        self.set_engine(engine)
+        self.pending: tuple[Engine, int, float] | None = None  # (engine, gen, deadline)
+
+    def set_engine(self, engine: Engine) -> None:
+        self.engine = engine
+        refs = [a.ref for a in engine.plan.attachments]
+        self.to_engine = [refs.index(r) for r in self.first_refs]
+        self.to_disp = [self.first_refs.index(r) for r in refs]
+
+
+class Worker:
+    def __init__(self, index: int, bus, apps, conn, *, batch_size: int = 256,
+                 hop_limit: int = 16, nbuckets: int = 4096, ticks: bool = True,
+                 generation: int = 1, tenant_ids: list[int] | None = None) -> None:
+        self.index = index
+        self.bus = bus
+        self.pool = bus.pool(index)
+        self.rx = bus.rx[index]
+        self.tx = bus.tx[index]
+        self.load = bus.load[index]
+        self.conn = conn
+        self.batch_size = batch_size
+        self.ticks = ticks
+        self.generation = generation
+        tids = tenant_ids or [0] * len(apps)
+        from dva.graph.plan import compile_plan
+        self.apps = [AppSlot(Engine(compile_plan(a), self.pool, tenant_id=t,
+                                    nbuckets=nbuckets, hop_limit=hop_limit),
+                             [x.ref for x in a.attachments]) for a, t in zip(apps, tids)]
+        self.desc = np.zeros((batch_size, DESC_WORDS), np.int64)
+        self.batch = PacketBatch(self.pool, batch_size)
+        self.out = np.zeros((4 * batch_size, DESC_WORDS), np.int64)
+        self.nout = 0
+        self.stopping = False
+
+    # -- output ----------------------------------------------------------------------
+    def _room(self, n: int) -> None:
+        if self.nout + n > self.out.shape[0]:
+            self._flush()
+            if n > self.out.shape[0]:
+                self.out = np.zeros((2 * n, DESC_WORDS), np.int64)
+
+    def _flush(self) -> None:
+        """Put every pending descriptor on the tx ring, waiting while it is full."""
+        i = 0
+        spins = 0
+        while i < self.nout:
+            k = ring_push(self.tx, self.out, i, self.nout - i)
+            i += k
+            if k == 0:
+                spins += 1
+                if spins > 64:
+                    time.sleep(0.0001)
+        self.nout = 0
+
+    def _emit(self, a: int, outputs, t_ns: int) -> None:
+        slot = self.apps[a]
+        for e_att, ob in enumerate(outputs):
+            if ob.n:
+                self._room(ob.n)
+                self.nout = put_descs(ob.meta, ob.n, a, slot.to_disp[e_att], t_ns, self.out,
+                                      self.nout)
+                ob.n = 0
+
+    def _returns(self) -> None:
+        while self.pool.top[3]:
+            back = self.pool.take_returns(self.out.shape[0] // 2)
+            self._room(len(back))
+            self.nout = free_descs(back, self.out, self.nout)
+
+    # -- the loop --------------------------------------------------------------------
+    def step(self) -> int:
+        """One batch from the rx ring; returns the descriptors taken."""
+        k = ring_pop(self.rx, self.desc, self.batch_size)
+        if k == 0:
+            return 0
+        t0 = time.perf_counter_ns()
+        b = self.batch
+        i = 0
+        moved = 0
+        while i < k:
+            t_ns = int(self.desc[i, D_TIME])
+            i, n, a, d_att = take_run(self.desc, i, k, b.meta, self.pool.free,
+                                      self.pool.top)
+            if n == 0:
+                continue
+            slot = self.apps[a]
+            b.n = n
+            att = slot.to_engine[d_att]
+            outputs = slot.engine.process(att, b, t_ns / 1e9)
+            moved += n
+            self._emit(a, outputs, t_ns)
+        self._returns()
+        self._flush()
+        ld = self.load
+        ld[LOAD_BUSY_NS] += time.perf_counter_ns() - t0
+        ld[LOAD_BATCHES] += 1
+        ld[LOAD_PACKETS] += moved
+        return k
+
+    def tick(self, now: float) -> None:
+        t_ns = int(now * 1e9)
+        for a, slot in enumerate(self.apps):
+            self._emit(a, slot.engine.tick(now), t_ns)
+            self._maybe_swap(a, now)
+        self._returns()
+        self._flush()
+
+    def drain(self) -> None:
+        while ring_count(self.rx):
+            self.step()
+
+    def run(self) -> None:
+        next_tick = time.monotonic() + TICK
+        idle = 0
+        while True:
+            k = self.step()
+            now = time.monotonic()
+            self.load[LOAD_BEAT_NS] = time.monotonic_ns()
+            if self.ticks and now >= next_tick:
+                self.tick(now)
+                next_tick = now + TICK
+            if k == 0 or idle % 64 == 0:
+                if self.conn.poll():
+                    if not self.control(self.conn.recv()):
+                        return
+            if k:
+                idle = 0 if idle else 1
+                continue
+            idle += 1
+            # spin a little, then sleep in short naps: a worker with nothing to do
+            # must leave the core to the dispatcher on small machines
+            if idle > 32:
+                time.sleep(0.0002 if idle < 2000 else 0.001)
+
+    # -- control ---------------------------------------------------------------------
+    def control(self, msg) -> bool:
+        op = msg[0]
+        if op == "counters":
+            self.conn.send(("ok", self.counters()))
+        elif op == "export":
+            t = msg[1]
+            self.conn.send(("ok", [[st.export_shared(t) for st in s.engine.states]
+                                   for s in self.apps]))
+        elif op == "merge":
+            _, parts, t = msg
+            for s, per_dev in zip(self.apps, parts):
+                for st, data in zip(s.engine.states, per_dev):
+                    st.merge_shared(data, t)
+            self.conn.send(("ok", None))
+        elif op == "sync":
+            self.drain()
+            self.conn.send(("ok", None))
+        elif op == "apply":
+            _, gen, a, text, source = msg
+            try:
+                app = parse_appliance(text, source=source)
+                new = prepare(app, self.apps[a].engine)
+            except Exception as e:  # the manager validated it: this is a bug, say so
+                self.conn.send(("error", f"{type(e).__name__}: {e}"))
+                return True
+            self.apps[a].pending = (new, gen, time.monotonic() + HOLD_DRAIN)
+            self._maybe_swap(a, time.monotonic(), force=not self.ticks)
+            self.conn.send(("ok", None))
+        elif op == "stop":
+            self.drain()
+            for a in range(len(self.apps)):
+                self._maybe_swap(a, time.monotonic(), force=True)
+            self._returns()
+            self._flush()
+            self.conn.send(("ok", self.counters()))
+            return False
+        else:
+            self.conn.send(("error", f"unknown request {op!r}"))
+        return True
+
+    def _maybe_swap(self, a: int, now: float, force: bool = False) -> None:
+        slot = self.apps[a]
+        if slot.pending is None:
+            return
+        new, gen, deadline = slot.pending
+        if not force and held_packets(slot.engine) and now < deadline:
+            return
+        old = slot.engine
+        report = swap(old, new, now)
+        old_disp = slot.to_disp
+        self._emit_raw(a, report.outputs, old_disp, int(now * 1e9))
+        slot.set_engine(new)
+        slot.pending = None
+        self.generation = gen
+        self.load[LOAD_GEN] = gen
+
+    def _emit_raw(self, a, outputs, to_disp, t_ns) -> None:
+        for e_att, ob in enumerate(outputs):
+            if ob.n:
+                self._room(ob.n)
+                self.nout = put_descs(ob.meta, ob.n, a, to_disp[e_att], t_ns, self.out,
+                                      self.nout)
+                ob.n = 0
+
+    def counters(self) -> dict:
+        res = []
+        for s in self.apps:
+            e = s.engine
+            res.append({"counters": e.counter_table(),
+                        "errors": e.accounting_errors(),
+                        "held": sum(st.held_slots() for st in e.states),
+                        "attach_refs": s.first_refs})
+        return {"apps": res, "generation": self.generation, "pid": os.getpid(),
+                "free": self.pool.available, "owned": self.pool.owned}
+
+
+def worker_entry(index: int, bus, apps, conn, kw: dict) -> None:
+    """The child's body after fork: run until told to stop (or the parent dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the dispatcher decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        Worker(index, bus, apps, conn, **kw).run()
+    except (EOFError, BrokenPipeError):
+        pass  # the dispatcher went away
+    except BaseException:
+        traceback.print_exc()
+        os._exit(70)
+    os._exit(0)
