@@ -78,9 +78,15 @@ def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Tabl
               help="Where devices keep state across restarts (DHCP leases), as "
                    "DIR/TENANT/APPLIANCE/DEVICE.state. Live default: $DVA_STATE_DIR, "
                    "else /var/lib/dva; offline runs keep state only with this option.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="Data-plane worker processes fed by a dispatcher over shared memory; "
+                   "0 runs the graph inline in this process.")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None,
+              help="With --workers: the control socket for dva status/counters/apply/stop "
+                   "(default $DVA_RUN_DIR, else /run/dva, /TENANT-APPLIANCE.sock).")
 def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: bool,
         quiet: bool, duration: float | None, ready_file: str | None,
-        state_dir: str | None) -> None:
+        state_dir: str | None, workers: int, control_path: str | None) -> None:
     """Run the appliance in FILE.
 
     With pcap/memory attachments: offline, over the pcap inputs, then print counters.
@@ -97,6 +103,10 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
     from dva.worker.persist import DEFAULT_DIR
 
     app = _load(file)
+    if workers:
+        _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
+                     ready_file, control_path)
+        return
     if any(a.spec.kind in LIVE_KINDS for a in app.attachments):
         state_dir = state_dir or os.environ.get("DVA_STATE_DIR") or DEFAULT_DIR
         _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file,
@@ -169,6 +179,151 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
     for e in errs:
         err.print(f"accounting error: {e}", markup=False)
     sys.exit(1 if failure or errs else 0)
+
+
+def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
+                 ready_file, control_path) -> None:
+    """``dva run --workers N``: the dispatcher (this process), N workers, a manager."""
+    import signal
+
+    from dva.control.sock import ControlServer, default_path
+    from dva.dispatch.live import LIVE_KINDS
+    from dva.dispatch.runtime import Runtime
+    from dva.ports.offline import PortError
+
+    live = any(a.spec.kind in LIVE_KINDS for a in app.attachments)
+    if live and any(d.persist for d in app.devices.values()):
+        err.print("error: devices that keep state across restarts (dhcp) run with "
+                  "--workers 0 for now", markup=False)
+        sys.exit(2)
+    say = (lambda line: err.print(line, markup=False))
+    try:
+        rt = Runtime([app], workers=workers, live=live, batch_size=batch_size,
+                     hop_limit=hop_limit, say=say)
+    except (PortError, ValueError) as e:
+        err.print(f"error: {e}", markup=False)
+        sys.exit(1)
+    control = None
+    failure = None
+    with rt:
+        if not live:
+            counters = rt.run_offline()
+        else:
+            try:
+                control = ControlServer(control_path or default_path(app.tenant, app.name))
+            except OSError as e:
+                err.print(f"error: control socket: {e}", markup=False)
+                sys.exit(1)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: rt.request_stop())
+            signal.signal(signal.SIGHUP, lambda *_: rt.apply(app.source))
+            if ready_file:
+                Path(ready_file).touch()
+            try:
+                rt.run_live(duration, control=control)
+            except PortError as e:
+                failure = str(e)
+            finally:
+                control.close()
+            counters = rt.stop()
+        errs = rt.final_errors
+    if as_json:
+        out.print_json(json.dumps(counters))
+    elif not quiet:
+        out.print(counters_table(f"{app.qualified_name}: {workers} workers, config "
+                                 f"generation {rt.generation}", counters, show_all))
+    if failure:
+        err.print(f"error: {failure}", markup=False)
+    for e in errs:
+        err.print(f"accounting error: {e}", markup=False)
+    sys.exit(1 if failure or errs else 0)
+
+
+def _control_request(target: str, msg: dict) -> dict:
+    """Send ``msg`` to the instance named by ``target`` (a socket path, or an
+    appliance file whose tenant and name give the default path)."""
+    from dva.control.sock import default_path, request
+
+    path = target
+    if not target.endswith(".sock") and Path(target).is_file():
+        app = _load(target)
+        path = default_path(app.tenant, app.name)
+    try:
+        return request(path, msg)
+    except (OSError, ValueError) as e:
+        err.print(f"error: no running instance answers on {path}: {e}", markup=False)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+def status(target: str, as_json: bool) -> None:
+    """Units of a running instance (TARGET: its control socket or appliance file),
+    their load, the config generation and the manager's recent decisions."""
+    r = _control_request(target, {"op": "status"})
+    if not r.get("ok"):
+        err.print(f"error: {r.get('error')}", markup=False)
+        sys.exit(1)
+    st = r["status"]
+    if as_json:
+        out.print_json(json.dumps(st))
+        return
+    t = Table(title=f"{', '.join(st['appliances'])}: generation {st['generation']}, "
+                    f"{st['workers']} workers, up {st['uptime_s']} s", title_justify="left")
+    for col in ("unit", "pid", "alive", "buckets", "busy", "packets", "ring", "restarts"):
+        t.add_column(col, justify="left" if col == "unit" else "right")
+    d = st["dispatcher"]
+    t.add_row("dispatcher", str(d["pid"]), "yes", "", "", "", "", "")
+    for u in st["units"]:
+        t.add_row(u["unit"], str(u["pid"]), "yes" if u["alive"] else "NO", str(u["buckets"]),
+                  f"{100 * u['busy_fraction']:.1f}%", f"{u['packets']:,}", str(u["ring"]),
+                  str(u["restarts"]))
+    out.print(t)
+    for line in st["decisions"]:
+        out.print(f"  {line}", markup=False)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--all", "show_all", is_flag=True, help="Show counters that stayed 0.")
+@click.option("--json", "as_json", is_flag=True)
+def counters(target: str, show_all: bool, as_json: bool) -> None:
+    """Counters of a running instance, summed over its workers."""
+    r = _control_request(target, {"op": "counters"})
+    if not r.get("ok"):
+        err.print(f"error: {r.get('error')}", markup=False)
+        sys.exit(1)
+    if as_json:
+        out.print_json(json.dumps(r["counters"]))
+    else:
+        out.print(counters_table(f"generation {r['generation']}", r["counters"], show_all))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--control", "control_path", default=None, help="The instance's socket.")
+def apply(file: str, control_path: str | None) -> None:
+    """Make FILE the next config generation of the running instance (validated whole
+    first; an invalid file is rejected and the running generation stays)."""
+    app = _load(file)
+    r = _control_request(control_path or file, {"op": "apply",
+                                                "file": str(Path(file).resolve())})
+    if not r.get("ok"):
+        err.print(r.get("error", "rejected"), markup=False)
+        sys.exit(1)
+    out.print(f"{app.qualified_name}: {r['message']}", markup=False)
+
+
+@main.command()
+@click.argument("target")
+def stop(target: str) -> None:
+    """Stop a running instance (workers drain, final counters printed by it)."""
+    r = _control_request(target, {"op": "stop"})
+    if not r.get("ok"):
+        err.print(f"error: {r.get('error')}", markup=False)
+        sys.exit(1)
+    out.print("stopping", markup=False)
 
 
 def _live_view(runner, duration) -> None:
@@ -251,7 +406,9 @@ def trace(file: str, inport: str, packets: tuple[str, ...], now: float) -> None:
 
 
 @main.command()
-def demo() -> None:
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 8),
+              help="Run the appliance with this many worker processes (0: inline).")
+def demo(workers: int) -> None:
     """Build a lab of Linux hosts in namespaces, run a live appliance between them,
     check real traffic, then remove everything (needs root)."""
     from dva.tools.demo import run_demo
@@ -262,7 +419,7 @@ def demo() -> None:
         err.print(f"error: the demo {why}", markup=False)
         sys.exit(1)
     try:
-        res = run_demo(say=lambda s: out.print(s, markup=False))
+        res = run_demo(say=lambda s: out.print(s, markup=False), workers=workers)
     except KeyboardInterrupt:
         err.print("interrupted: the lab was removed", markup=False)
         sys.exit(130)

@@ -114,3 +114,16 @@ def test_every_frame_is_forwarded_or_counted_under_load(lab):
     dropped = counters.get("attach sw.a drop/kernel_drops", 0)
     assert taken + dropped == tx - tx0
     assert counters["sw.a rx"] == taken  # everything taken entered the graph
+
+
+def test_demo_runs_with_two_workers():
+    """The demo's checks of real traffic (ARP, ping, TTL, curl through the NAT,
+    traceroute, unreachable, iperf3, the port forward, the firewall) pass with the
+    graph on two worker processes behind a dispatcher."""
+    lines: list[str] = []
+    res = run_demo(say=lines.append, workers=2)
+    assert res.ok, "\n".join(lines)
+    c = res.counters
+    assert c["bus w0 drop/ring_full"] == 0 and c["bus w1 drop/ring_full"] == 0
+    assert c["worker w0 restarts"] == 0 and c["worker w1 restarts"] == 0
+    assert c["nat dnat_flows"] >= 1 and c["fw drop/denied"] >= 1

@@ -220,3 +220,42 @@ def test_runtime_refuses_bad_settings():
         Runtime([app], workers=0, live=False)
     with pytest.raises(ValueError):
         Runtime([app], workers=1, live=False, nbuckets=1000)
+
+
+def test_a_killed_worker_is_restarted_and_nothing_else_is_lost():
+    import os
+    import signal
+    import time
+
+    from dva.packet.build import UDP, Eth, IPv4
+
+    text = """
+appliance: s
+devices:
+  sw: {type: switch, ports: [a, b]}
+attach:
+  sw.a: {memory: a}
+  sw.b: {memory: b}
+"""
+    frames = [(i * 1e-4, bytes(Eth(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                               / IPv4(src="10.0.0.1", dst="10.0.0.2")
+                               / UDP(sport=1000 + i % 500, dport=53))) for i in range(3000)]
+    mem = {"a": MemoryPort("sw.a", frames), "b": MemoryPort("sw.b")}
+    rt = Runtime([parse_appliance(text)], workers=2, live=False, memory=mem)
+    try:
+        victim = rt.workers[0].proc
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(5)
+        t0 = time.monotonic()
+        rt._check_workers()
+        assert rt.workers[0].proc.pid != victim.pid and rt.workers[0].proc.is_alive()
+        assert rt.call(0, ("counters",))["generation"] == 1  # it answers, current gen
+        assert time.monotonic() - t0 < 2.0
+        c = rt.run_offline()
+    finally:
+        rt.close()
+    assert c["worker w0 restarts"] == 1 and c["worker w1 restarts"] == 0
+    assert len(mem["b"].sent) == 3000  # both workers forwarded everything after it
+    assert c["bus w0 drop/worker_died"] == 0  # killed before any traffic: nothing lost
+    assert rt.final_errors == []
+    assert rt.pool.available == rt.pool.owned

@@ -83,10 +83,11 @@ class DemoResult:
             self.appliance_exit == 0
 
 
-def start_appliance(path: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
+def start_appliance(path: Path, workdir: Path, extra: list[str] | tuple = ()
+                    ) -> tuple[subprocess.Popen, Path]:
     ready = workdir / "ready"
     proc = subprocess.Popen([sys.executable, "-m", "dva.cli", "run", str(path), "--json",
-                             "--ready-file", str(ready)], stdout=subprocess.PIPE,
+                             "--ready-file", str(ready), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     # The first run after any source change compiles every kernel (the router's alone
     # takes ~35 s on these machines); later runs load them from the cache.
@@ -118,7 +119,7 @@ def stop_appliance(proc: subprocess.Popen) -> tuple[int, dict[str, int], str]:
     return proc.returncode, counters, stderr
 
 
-def run_demo(say=print) -> DemoResult:
+def run_demo(say=print, workers: int = 0) -> DemoResult:
     res = DemoResult()
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="dva-demo-") as tmp:
         workdir = Path(tmp)
@@ -137,7 +138,11 @@ def run_demo(say=print) -> DemoResult:
         say(f"appliance: switch lan (h1, h2) + router r1 (10.0.0.1, 198.51.100.1) + "
             f"firewall fw + nat (masquerade, port 8080 -> h2:8000) on "
             f"{h1.outside}, {h2.outside}, {inet.outside}")
-        proc, _ = start_appliance(app, workdir)
+        extra = ["--workers", str(workers), "--control", str(workdir / "ctl.sock")] \
+            if workers else []
+        if workers:
+            say(f"runtime: a dispatcher and {workers} worker processes")
+        proc, _ = start_appliance(app, workdir, extra)
         try:
             def check(what: str, ok: bool, detail: str = "") -> None:
                 res.checks.append(Check(what, ok, detail))
