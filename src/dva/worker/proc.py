@@ -179,13 +179,7 @@ class Worker:
         self.nout = 0
 
     def _emit(self, a: int, outputs, t_ns: int) -> None:
-        slot = self.apps[a]
-        for e_att, ob in enumerate(outputs):
-            if ob.n:
-                self._room(ob.n)
-                self.nout = put_descs(ob.meta, ob.n, a, slot.to_disp[e_att], t_ns, self.out,
-                                      self.nout)
-                ob.n = 0
+        self._emit_raw(a, outputs, self.apps[a].to_disp, t_ns)
 
     def _returns(self) -> None:
         while self.pool.top[3]:
