@@ -155,34 +155,16 @@ def _reinsert(keys, vals, state, bucket, expires, info, okeys, ovals, ostate, ob
 
 @kernel
 def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iexpires,
-            now):
-    """Insert or overwrite the given entries; returns how many did not fit."""
+            now, newer_only):
+    """Insert the given entries or overwrite equal keys (with ``newer_only``: only
+    entries that expire later than the one held, and none already expired: the newer
+    news wins); returns how many did not fit."""
     failed = 0
     for i in range(ikeys.shape[0]):
-        s = tbl_lookup(keys, state, expires, info, ikeys[i], now)
-        if s < 0:
-            s = tbl_insert(keys, state, bucket, expires, info, ikeys[i], ibucket[i],
-                           iexpires[i], now)
-            if s < 0:
-                failed += 1
-                continue
-        bucket[s] = ibucket[i]
-        expires[s] = iexpires[i]
-        for w in range(vals.shape[1]):
-            vals[s, w] = ivals[i, w]
-    return failed
-
-
-@kernel
-def _merge(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iexpires, now):
-    """Insert the given entries, or overwrite equal keys whose entry expires earlier
-    (the newer news wins); returns how many did not fit."""
-    failed = 0
-    for i in range(ikeys.shape[0]):
-        if iexpires[i] < now:
+        if newer_only and iexpires[i] < now:
             continue
         s = tbl_lookup(keys, state, expires, info, ikeys[i], now)
-        if s >= 0 and expires[s] >= iexpires[i]:
+        if newer_only and s >= 0 and expires[s] >= iexpires[i]:
             continue
         if s < 0:
             s = tbl_insert(keys, state, bucket, expires, info, ikeys[i], ibucket[i],
@@ -292,7 +274,7 @@ class HashTable:
         failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
                          self.info, k.reshape(1, -1), v,
                          np.array([bucket], np.int64), np.array([expires], np.float64),
-                         now)
+                         now, False)
         if failed:
             raise TableFull(f"table full ({self.max_entries} entries)")
 
@@ -352,7 +334,7 @@ class HashTable:
                                  f"of {self.key_words}+{self.value_words}")
             keys, vals = z["keys"], z["vals"]
             failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
-                             self.info, keys, vals, z["bucket"], z["expires"], now)
+                             self.info, keys, vals, z["bucket"], z["expires"], now, False)
         if failed:
             raise TableFull(f"{failed} of {len(keys)} imported entries did not fit "
                             f"(limit {self.max_entries})")
@@ -369,8 +351,8 @@ class HashTable:
                 raise ValueError(f"entries of shape {kw}+{vw} words do not fit a table "
                                  f"of {self.key_words}+{self.value_words}")
             keys = z["keys"]
-            _merge(self.keys, self.vals, self.state, self.bucket, self.expires, self.info,
-                   keys, z["vals"], z["bucket"], z["expires"], now)
+            _import(self.keys, self.vals, self.state, self.bucket, self.expires, self.info,
+                    keys, z["vals"], z["bucket"], z["expires"], now, True)
         return len(keys)
 
     def remove_buckets(self, buckets, now: float) -> int:
