@@ -78,15 +78,16 @@ def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Tabl
               help="Where devices keep state across restarts (DHCP leases), as "
                    "DIR/TENANT/APPLIANCE/DEVICE.state. Live default: $DVA_STATE_DIR, "
                    "else /var/lib/dva; offline runs keep state only with this option.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 64),
+@click.option("--workers", default=None, type=click.IntRange(0, 64),
               help="Data-plane worker processes fed by a dispatcher over shared memory; "
-                   "0 runs the graph inline in this process.")
+                   "0 runs the graph inline in this process. Default: live, one per core "
+                   "left after the dispatcher; offline (pcap/memory), 0.")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None,
               help="With --workers: the control socket for dva status/counters/apply/stop "
                    "(default $DVA_RUN_DIR, else /run/dva, /TENANT-APPLIANCE.sock).")
 def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: bool,
         quiet: bool, duration: float | None, ready_file: str | None,
-        state_dir: str | None, workers: int, control_path: str | None) -> None:
+        state_dir: str | None, workers: int | None, control_path: str | None) -> None:
     """Run the appliance in FILE.
 
     With pcap/memory attachments: offline, over the pcap inputs, then print counters.
@@ -100,15 +101,19 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
     import os
 
     from dva.dispatch.live import LIVE_KINDS
+    from dva.dispatch.runtime import default_workers
     from dva.worker.persist import DEFAULT_DIR
 
     app = _load(file)
+    live = any(a.spec.kind in LIVE_KINDS for a in app.attachments)
+    if live:
+        state_dir = state_dir or os.environ.get("DVA_STATE_DIR") or DEFAULT_DIR
+    if workers is None:
+        workers = default_workers() if live else 0
     if workers:
         _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
-                     ready_file, control_path)
-        return
-    if any(a.spec.kind in LIVE_KINDS for a in app.attachments):
-        state_dir = state_dir or os.environ.get("DVA_STATE_DIR") or DEFAULT_DIR
+                     ready_file, control_path, state_dir)
+    elif live:
         _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file,
                   state_dir)
     else:
@@ -182,7 +187,7 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
 
 
 def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
-                 ready_file, control_path) -> None:
+                 ready_file, control_path, state_dir) -> None:
     """``dva run --workers N``: the dispatcher (this process), N workers, a manager."""
     import signal
 
@@ -192,14 +197,13 @@ def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, 
     from dva.ports.offline import PortError
 
     live = any(a.spec.kind in LIVE_KINDS for a in app.attachments)
-    if live and any(d.persist for d in app.devices.values()):
-        err.print("error: devices that keep state across restarts (dhcp) run with "
-                  "--workers 0 for now", markup=False)
-        sys.exit(2)
-    say = (lambda line: err.print(line, markup=False))
+
+    def say(line: str) -> None:
+        err.print(line, markup=False)
+
     try:
         rt = Runtime([app], workers=workers, live=live, batch_size=batch_size,
-                     hop_limit=hop_limit, say=say)
+                     hop_limit=hop_limit, say=say, state_dir=state_dir)
     except (PortError, ValueError) as e:
         err.print(f"error: {e}", markup=False)
         sys.exit(1)
@@ -209,22 +213,34 @@ def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, 
         if not live:
             counters = rt.run_offline()
         else:
+            path = control_path or default_path(app.tenant, app.name)
             try:
-                control = ControlServer(control_path or default_path(app.tenant, app.name))
+                control = ControlServer(path)
             except OSError as e:
-                err.print(f"error: control socket: {e}", markup=False)
-                sys.exit(1)
+                if control_path:
+                    err.print(f"error: control socket: {e}", markup=False)
+                    sys.exit(1)
+                say(f"no control socket ({e}): dva status/counters/apply/stop cannot "
+                    f"reach this instance (signals still work)")
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: rt.request_stop())
-            signal.signal(signal.SIGHUP, lambda *_: rt.apply(app.source))
-            if ready_file:
-                Path(ready_file).touch()
+            signal.signal(signal.SIGHUP, lambda *_: rt.request_reload())
             try:
-                rt.run_live(duration, control=control)
+                try:
+                    rt.wait_ready()
+                except (RuntimeError, TimeoutError) as e:
+                    raise PortError(str(e)) from None
+                if ready_file:
+                    Path(ready_file).touch()
+                if quiet or as_json:
+                    rt.run_live(duration, control=control)
+                else:
+                    _live_view(rt, duration, control=control)
             except PortError as e:
                 failure = str(e)
             finally:
-                control.close()
+                if control is not None:
+                    control.close()
             counters = rt.stop()
         errs = rt.final_errors
     if as_json:
@@ -326,9 +342,12 @@ def stop(target: str) -> None:
     out.print("stopping", markup=False)
 
 
-def _live_view(runner, duration) -> None:
-    """Rates per port and drops per reason, refreshed every second."""
+def _live_view(runner, duration, control=None) -> None:
+    """Rates per port and drops per reason (and, with workers, each worker's load),
+    refreshed every second. ``runner``: a LiveRunner or a Runtime."""
     from rich.live import Live
+
+    units = getattr(runner, "status", None)
 
     last = {"t": time.monotonic(), "c": runner.counters()}
 
@@ -349,11 +368,21 @@ def _live_view(runner, duration) -> None:
         drops = {k: v for k, v in c.items() if "drop/" in k and v}
         for k, v in drops.items():
             t.add_row(f"[red]{k}[/]", "", "", f"{v:,}", "")
+        if units is not None:
+            for u in units()["units"]:
+                t.add_row(f"{u['unit']} (pid {u['pid']})",
+                          f"busy {100 * u['busy_fraction']:.0f}%", f"ring {u['ring']}",
+                          f"{u['packets']:,} pkts", f"{u['restarts']} restarts")
         last["t"], last["c"] = now, c
         return t
 
     with Live(table(), console=out, refresh_per_second=2, transient=False) as live:
-        runner.run(duration, every_second=lambda r: live.update(table()))
+        def every(_r):
+            live.update(table())
+        if units is None:
+            runner.run(duration, every_second=every)
+        else:
+            runner.run_live(duration, every_second=every, control=control)
 
 
 @main.command()
@@ -406,9 +435,10 @@ def trace(file: str, inport: str, packets: tuple[str, ...], now: float) -> None:
 
 
 @main.command()
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 8),
-              help="Run the appliance with this many worker processes (0: inline).")
-def demo(workers: int) -> None:
+@click.option("--workers", default=None, type=click.IntRange(0, 8),
+              help="Run the appliance with this many worker processes (0: inline; "
+                   "default: one per core left after the dispatcher).")
+def demo(workers: int | None) -> None:
     """Build a lab of Linux hosts in namespaces, run a live appliance between them,
     check real traffic, then remove everything (needs root)."""
     from dva.tools.demo import run_demo

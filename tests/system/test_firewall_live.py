@@ -107,9 +107,9 @@ class Appliance:
     """A ``dva run`` process; its stderr is read line by line as it comes (reload
     messages), its stdout (the final counters, JSON) when it ends."""
 
-    def __init__(self, path: Path, workdir: Path) -> None:
+    def __init__(self, path: Path, workdir: Path, extra: tuple = ()) -> None:
         self.path = path
-        self.proc, _ = start_appliance(path, workdir)
+        self.proc, _ = start_appliance(path, workdir, extra)
         self.lines: list[str] = []
         self.stdout: list[str] = []
         self._cv = threading.Condition()

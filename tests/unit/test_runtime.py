@@ -192,12 +192,12 @@ def test_replies_reach_the_owner_of_the_flow(trace, inline):
 def test_port_forward_replies_share_the_bucket_of_the_original():
     """The alias of the port forward puts (srv, 80) -> client in the bucket of
     client -> (PUB, 8080): the dispatcher steers both to one worker."""
+    from dva.graph.plan import compile_plan
     from dva.packet.batch import PacketBatch
     from dva.packet.build import TCP, Eth, IPv4
     from dva.packet.parse import parse
     from dva.packet.steer import alias_buckets
     from dva.worker.engine import Engine
-    from dva.graph.plan import compile_plan
 
     eng = Engine(compile_plan(T.app()), PacketPool(64))
     pool = eng.pool
@@ -244,8 +244,13 @@ attach:
     rt = Runtime([parse_appliance(text)], workers=2, live=False, memory=mem)
     try:
         victim = rt.workers[0].proc
+        rt._request(0, ("counters",), lambda reply: None)  # a request it never answers
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(5)
+        # the manager's loop goes on with a dead worker until its health check
+        assert rt._poll_replies(0) is None
+        assert rt._request(0, ("counters",)) is False
+        rt.replicate(0.0)
         t0 = time.monotonic()
         rt._check_workers()
         assert rt.workers[0].proc.pid != victim.pid and rt.workers[0].proc.is_alive()
@@ -259,3 +264,72 @@ attach:
     assert c["bus w0 drop/worker_died"] == 0  # killed before any traffic: nothing lost
     assert rt.final_errors == []
     assert rt.pool.available == rt.pool.owned
+
+
+def test_a_run_takes_its_time_from_its_first_packet_not_a_returned_slot():
+    """A slot handed back (``K_FREE``, no time) ahead of packets in a worker's ring
+    must not make the packets' ``now`` 0: leases, MACs and connections made at time
+    0 would all be expired at the next real time."""
+    from dva.packet import layout as L
+    from dva.packet.ring import D_APP, D_ATTACH, D_KIND, D_SLOT, D_TIME, K_FREE, K_PKT
+    from dva.worker.proc import take_run
+
+    pool = PacketPool(8, own=(0, 8))
+    taken = [pool.alloc() for _ in range(3)]
+    desc = np.zeros((3, DESC_WORDS), np.int64)
+    desc[0, D_KIND], desc[0, D_SLOT] = K_FREE, taken[0]
+    for i in (1, 2):
+        desc[i, D_KIND], desc[i, D_SLOT] = K_PKT, taken[i]
+        desc[i, D_APP], desc[i, D_ATTACH], desc[i, D_TIME] = 0, 1, 5_000_000_000 + i
+    meta = np.zeros((4, L.NFIELDS), np.int64)
+    before = pool.available
+    i, n, app, att, t_ns = take_run(desc, 0, 3, meta, pool.free, pool.top)
+    assert (i, n, app, att) == (3, 2, 0, 1)
+    assert t_ns == 5_000_000_001
+    assert pool.available == before + 1  # the returned slot is free again
+    assert list(meta[:2, L.SLOT]) == taken[1:]
+
+
+def test_dhcp_leases_have_one_owner_and_persist_through_the_runtime(tmp_path):
+    """Every DHCP message lands in one bucket, so one worker owns the leases: a
+    release is not brought back by a replica (replication never deletes), and the
+    manager saves the owner's leases, which the next run starts with."""
+    from scapy.layers.dhcp import BOOTP
+    from scapy.layers.l2 import Ether
+    from test_dhcp import SRV, SRV_MAC, A, B, appliance, msg
+
+    from dva.packet.steer import flow_buckets, plan_aliases
+
+    text = appliance("{start: 10.0.0.100, end: 10.0.0.100}")
+    ip = "10.0.0.100"
+    frames = [msg("discover", A), msg("request", A, opts=(("server_id", SRV),
+                                                           ("requested_addr", ip))),
+              msg("release", A, ciaddr=ip, src=ip, dst=SRV, dmac=SRV_MAC,
+                  opts=(("server_id", SRV),)),
+              msg("discover", B, xid=9), msg("request", B, xid=9, opts=(
+                  ("server_id", SRV), ("requested_addr", ip)))]
+    app = parse_appliance(text)
+    from dva.graph.plan import compile_plan
+    alias = plan_aliases(compile_plan(app))
+    assert len(set(flow_buckets(frames, alias=alias).tolist())) == 1
+    assert len(set(flow_buckets(frames).tolist())) > 1  # without the alias: spread
+
+    def run(inputs):
+        mem = {"lan": MemoryPort("dhcp.lan", inputs)}
+        rt = Runtime([parse_appliance(text)], workers=2, live=False, memory=mem,
+                     state_dir=str(tmp_path))
+        try:
+            c = rt.run_offline()
+        finally:
+            rt.close()
+        return [(Ether(f)[BOOTP].xid, Ether(f)[BOOTP].yiaddr) for _, f in mem["lan"].sent], c
+
+    # a second apart: replication rounds (every 0.1 s) between every message
+    out, c = run([(1.0 + k, f) for k, f in enumerate(frames)])
+    assert out == [(7, ip), (7, ip), (9, ip), (9, ip)], out  # B got it after A released
+    assert c["dhcp leases_released"] == 1 and c["dhcp leases_bound"] == 2
+    saved = list((tmp_path / "default" / "t").glob("dhcp.state"))
+    assert saved, list(tmp_path.rglob("*"))
+    # the next run starts with B's lease: A finds the pool exhausted
+    out, c = run([(6.0, msg("discover", A, xid=11))])
+    assert out == [] and c["dhcp drop/pool_exhausted"] == 1

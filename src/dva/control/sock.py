@@ -4,7 +4,9 @@ A Unix stream socket (mode 0600, root's) that takes one JSON request per line an
 answers one JSON line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 Requests: ``{"op": "status"}``, ``{"op": "counters"}``, ``{"op": "apply", "file":
 PATH}`` (answered once every worker runs the new generation, or with the reasons it
-was rejected: the running generation stays), ``{"op": "stop"}``.
+was rejected: the running generation stays), ``{"op": "buckets"}`` (the indirection
+table: the worker of each flow bucket, see :func:`dva.packet.steer.flow_buckets`),
+``{"op": "stop"}``.
 
 A thread accepts connections and reads requests; the runtime's loop takes them
 between batches (:meth:`ControlServer.serve`), since only it may talk to the
@@ -112,12 +114,15 @@ class ControlServer:
                     rt.apply(f, done=lambda ok, msg, c=conn: self.reply(
                         c, {"ok": ok, "message": msg, "generation": rt.generation}
                         if ok else {"ok": False, "error": msg}))
+                elif op == "buckets":
+                    self.reply(conn, {"ok": True, "table": rt.table.tolist(),
+                                      "generation": rt.generation})
                 elif op == "stop":
                     rt.request_stop()
                     self.reply(conn, {"ok": True})
                 else:
                     self.reply(conn, {"ok": False, "error": f"unknown op {op!r}; ops: "
-                                      "status, counters, apply, stop"})
+                                      "status, counters, buckets, apply, stop"})
             except Exception as e:  # a request must never take the data plane down
                 self.reply(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
 

@@ -61,6 +61,14 @@ IDLE_ROUNDS = 200  # empty rounds (1 ms polls) before polling at TICK/2
 AF_PACKET_RING = {"frame_timeout_ms": 1, "block_size": 1 << 16, "block_count": 512}
 
 
+def check_live_attachments(app: Appliance) -> None:
+    """A live run attaches only interfaces: PortError naming the others."""
+    others = [a.ref for a in app.attachments if a.spec.kind not in LIVE_KINDS]
+    if others:
+        raise PortError(f"a live run attaches only interfaces (af_packet, tap); "
+                        f"{', '.join(others)} {'is' if len(others) == 1 else 'are'} not")
+
+
 class LiveRunner:
     def __init__(self, app: Appliance, *, batch_size: int = 256,
                  hop_limit: int = DEFAULT_HOP_LIMIT, nbuckets: int = 4096,
@@ -68,11 +76,7 @@ class LiveRunner:
                  state_dir: str | None = None) -> None:
         from dva.ports.live import open_live
 
-        others = [a.ref for a in app.attachments if a.spec.kind not in LIVE_KINDS]
-        if others:
-            raise PortError(f"a live run attaches only interfaces (af_packet, tap); "
-                            f"{', '.join(others)} {'is' if len(others) == 1 else 'are'} "
-                            f"not")
+        check_live_attachments(app)
         self.app = app
         self.plan = compile_plan(app)
         self.pool = PacketPool(pool_slots)

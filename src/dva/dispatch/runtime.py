@@ -44,11 +44,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from dva._jit import kernel
-from dva.graph.appliance import Appliance, ApplianceError, load_appliance
+from dva.dispatch.live import PUMP_ROUNDS, check_live_attachments
+from dva.graph.appliance import Appliance, ApplianceError, load_appliance, parse_appliance
 from dva.graph.plan import compile_plan
 from dva.packet import layout as L
 from dva.packet.batch import PacketBatch
@@ -71,18 +73,25 @@ from dva.packet.ring import (
     ring_push,
     ring_reset,
 )
-from dva.packet.steer import alias_buckets
+from dva.packet.steer import alias_buckets, plan_aliases
 from dva.ports.offline import MemoryPort, PcapPort, PortError
-from dva.worker.bus import LOAD_BATCHES, LOAD_BEAT_NS, LOAD_BUSY_NS, LOAD_PACKETS, Bus
+from dva.worker.bus import (
+    LOAD_BATCHES,
+    LOAD_BEAT_NS,
+    LOAD_BUSY_NS,
+    LOAD_GEN,
+    LOAD_PACKETS,
+    Bus,
+)
 from dva.worker.engine import DEFAULT_HOP_LIMIT, Engine
 from dva.worker.proc import free_descs, worker_entry
 from dva.worker.reload import ReloadRejected, attachment_problems
 
 TICK = 0.1
 REPLICATE = 0.1
-LIVE_KINDS = ("af_packet", "tap")
 BUS_DROPS = ("ring_full", "worker_died")
 STOP_TIMEOUT = 10.0
+SAVE_INTERVAL = 0.5  # persisted state is gathered (and saved if changed) this often
 
 
 def default_workers() -> int:
@@ -116,10 +125,10 @@ def steer_kernel(data, meta, n, tenant, alias, bucket_mask, table, app, att, t_n
 
 
 @kernel
-def collect_kernel(desc, k, free, top, lent, app_base, ometa, on):
+def collect_kernel(desc, k, free, top, lent, app_base, ometa, on, otime):
     """Descriptors from a worker: ``K_FREE`` slots go back on our stack; ``K_PKT``
-    rows are appended to the output of their (appliance, attachment), in order.
-    Returns the packets collected."""
+    rows are appended to the output of their (appliance, attachment), in order, and
+    ``otime`` of that output takes their time. Returns the packets collected."""
     got = 0
     lo = top[1]
     hi = top[2]
@@ -140,6 +149,7 @@ def collect_kernel(desc, k, free, top, lent, app_base, ometa, on):
         ometa[g, r, L.VLAN] = -1
         ometa[g, r, L.BUCKET] = desc[i, D_BUCKET]
         on[g] = r + 1
+        otime[g] = desc[i, D_TIME]
         got += 1
     return got
 
@@ -164,11 +174,15 @@ class Runtime:
                  nbuckets: int = 4096, max_workers: int | None = None,
                  ring_capacity: int = 4096, dispatcher_slots: int = 16384,
                  worker_slots: int = 4096, memory: dict[str, MemoryPort] | None = None,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None,
+                 state_dir: str | None = None) -> None:
         if workers < 1:
             raise ValueError("the runtime needs at least one worker (0 runs inline)")
         if nbuckets <= 0 or nbuckets & (nbuckets - 1):
             raise ValueError(f"bucket count must be a power of two, not {nbuckets}")
+        if live:
+            for a in apps:
+                check_live_attachments(a)
         names = [a.qualified_name for a in apps]
         if len(set(names)) != len(names):
             raise ValueError("two appliances with the same tenant and name")
@@ -189,8 +203,7 @@ class Runtime:
                 tenants.append(a.tenant)
         self.tenant_ids = [tenants.index(a.tenant) for a in apps]
         self.plans = [compile_plan(a) for a in apps]
-        self.alias = [Engine(p, PacketPool(64), tenant_id=t, nbuckets=nbuckets).alias
-                      for p, t in zip(self.plans, self.tenant_ids)]
+        self.alias = [plan_aliases(p) for p in self.plans]
         self.app_base = np.zeros(len(apps) + 1, np.int64)
         for i, p in enumerate(self.plans):
             self.app_base[i + 1] = self.app_base[i] + len(p.attachments)
@@ -208,6 +221,7 @@ class Runtime:
         self.ocap = ring_capacity
         self.ometa = np.zeros((max(self.nattach, 1), self.ocap, L.NFIELDS), np.int64)
         self.on = np.zeros(max(self.nattach, 1), np.int64)
+        self.otime = np.zeros(max(self.nattach, 1), np.int64)
         self.obatches = []
         for g in range(self.nattach):
             b = PacketBatch(self.pool, 1)
@@ -217,17 +231,21 @@ class Runtime:
         self.reclaimed = np.zeros(self.max_workers, np.int64)
         self.ingress_drops = np.zeros((max(self.nattach, 1), 2), np.int64)  # too_long, pool
         self.generation = 1
-        self.applies_rejected = 0
+        self.reloads_rejected = 0
         self.decisions: list[str] = []
         self.memory = dict(memory or {})
         self.ports: list = []
         self.batch = PacketBatch(self.pool, batch_size)
         self._stop = False
+        self._reload_queue: list[str] = []
         self._ctx = mp.get_context("fork")
         self.workers = [WorkerHandle(w) for w in range(self.max_workers)]
         self.started = time.monotonic()
         self._warm()
+        self.persist: list = [None] * len(apps)
+        self.shadow: list = [None] * len(apps)
         try:
+            self._open_state(state_dir)
             self._open_ports()
             for w in range(workers):
                 self._start_worker(w)
@@ -246,7 +264,7 @@ class Runtime:
         steer_kernel(b.pool.data, b.meta, 0, 0, self.alias[0], self.nbuckets - 1, self.table,
                      0, 0, 0, self.steer_out, self.steer_n, self.lent)
         collect_kernel(self.rxdesc, 0, self.pool.free, self.pool.top, self.lent,
-                       self.app_base, self.ometa, self.on)
+                       self.app_base, self.ometa, self.on, self.otime)
         free_descs(np.zeros(0, np.int64), self.rxdesc, 0)
         ring_push(self.bus.rx[0], self.rxdesc, 0, 0)
         ring_pop(self.bus.tx[0], self.rxdesc, 0)
@@ -258,9 +276,6 @@ class Runtime:
             for att in plan.attachments:
                 spec = att.spec
                 if self.live:
-                    if spec.kind not in LIVE_KINDS:
-                        raise PortError(f"{att.ref}: a live run attaches only interfaces "
-                                        f"(af_packet, tap), not {spec.kind}")
                     from dva.dispatch.live import AF_PACKET_RING
                     from dva.ports.live import open_live
                     kw = AF_PACKET_RING if spec.kind == "af_packet" else {}
@@ -285,7 +300,7 @@ class Runtime:
         parent, child = self._ctx.Pipe(duplex=True)
         kw = dict(batch_size=self.batch_size, hop_limit=self.hop_limit,
                   nbuckets=self.nbuckets, ticks=self.live, generation=self.generation,
-                  tenant_ids=self.tenant_ids)
+                  tenant_ids=self.tenant_ids, initial=self._initial(w))
         ring_reset(self.bus.rx[w])
         ring_reset(self.bus.tx[w])
         self.bus.load[w, :] = 0
@@ -303,10 +318,16 @@ class Runtime:
             self.say(line)
 
     # -- requests to workers ---------------------------------------------------------
-    def _request(self, w: int, msg, handler=None) -> None:
+    def _request(self, w: int, msg, handler=None) -> bool:
+        """Send ``msg``; False when the worker is gone (the health check restarts it
+        within ``TICK``, and the request is dropped with it)."""
         h = self.workers[w]
-        h.conn.send(msg)
+        try:
+            h.conn.send(msg)
+        except OSError:
+            return False
         h.expect.append(handler)
+        return True
 
     def _poll_replies(self, w: int, block_for=None, timeout: float = 30.0):
         """Handle replies that arrived; with ``block_for`` (a handler), wait until that
@@ -328,6 +349,8 @@ class Runtime:
             try:
                 reply = h.conn.recv()
             except (EOFError, OSError):
+                if block_for is None:  # dead: _check_workers restarts it
+                    return None
                 raise TimeoutError(f"worker {w} is gone") from None
             handler = h.expect.popleft()
             if handler is not None:
@@ -341,7 +364,8 @@ class Runtime:
 
         def done(reply):
             box.append(reply)
-        self._request(w, msg, done)
+        if not self._request(w, msg, done):
+            raise TimeoutError(f"worker {w} is gone")
         self._poll_replies(w, block_for=done, timeout=timeout)
         status, value = box[0]
         if status != "ok":
@@ -380,16 +404,22 @@ class Runtime:
     def _collect_all(self) -> int:
         got = 0
         for w in self.active():
-            ring = self.bus.tx[w]
-            while True:
-                k = ring_pop(ring, self.rxdesc, self.ocap)
-                if k == 0:
-                    break
-                got += collect_kernel(self.rxdesc, k, self.pool.free, self.pool.top,
-                                      self.lent, self.app_base, self.ometa, self.on)
-                self._transmit()
+            got += self._drain_tx(w)
         self._return_slots()
         return got
+
+    def _drain_tx(self, w: int) -> int:
+        """Transmit everything on worker ``w``'s tx ring; the packets sent."""
+        got = 0
+        ring = self.bus.tx[w]
+        while True:
+            k = ring_pop(ring, self.rxdesc, self.ocap)
+            if k == 0:
+                return got
+            got += collect_kernel(self.rxdesc, k, self.pool.free, self.pool.top,
+                                  self.lent, self.app_base, self.ometa, self.on,
+                                  self.otime)
+            self._transmit()
 
     def _transmit(self) -> None:
         for g in np.flatnonzero(self.on[:self.nattach]):
@@ -399,8 +429,7 @@ class Runtime:
             if self.live:
                 port.send(b)
             else:
-                t = self.rxdesc[0, D_TIME] / 1e9
-                port.send(t, b.frames())
+                port.send(self.otime[g] / 1e9, b.frames())
             b.release_all()
             self.on[g] = 0
 
@@ -428,15 +457,7 @@ class Runtime:
     def _worker_died(self, w: int) -> None:
         h = self.workers[w]
         code = h.proc.exitcode
-        # what it already sent is good: transmit it before the rings are reset
-        ring = self.bus.tx[w]
-        while True:
-            k = ring_pop(ring, self.rxdesc, self.ocap)
-            if k == 0:
-                break
-            collect_kernel(self.rxdesc, k, self.pool.free, self.pool.top, self.lent,
-                           self.app_base, self.ometa, self.on)
-            self._transmit()
+        self._drain_tx(w)  # what it already sent is good: out before the rings reset
         self.bus_drops[w, 1] += ring_count(self.bus.rx[w])
         mine = np.flatnonzero(self.lent == w)
         self.reclaimed[w] += len(mine)
@@ -464,6 +485,129 @@ class Runtime:
             d = self._retired.setdefault(a, {})
             for k, v in part["counters"].items():
                 d[k] = d.get(k, 0) + v
+
+    # -- persisted state (DHCP leases) ------------------------------------------------
+    def _clock(self) -> tuple[float, float]:
+        """(now, wall - now) as persisted state is stamped: the monotonic clock live,
+        capture time (offset 0) offline."""
+        from dva.worker.persist import live_offset
+
+        if self.live:
+            return time.monotonic(), live_offset()
+        return self.last_time or 0.0, 0.0
+
+    last_time: float | None = None  # offline: capture time of the last batch
+
+    def _open_state(self, state_dir: str | None) -> None:
+        """Load persisted device state into the manager's shadow engines; workers get
+        it when they start (the owner of each device's tables: :meth:`_owner`)."""
+        if state_dir is None:
+            return
+        from dva.worker.persist import Persistence
+
+        now, offset = self._clock()
+        for a, (app, plan) in enumerate(zip(self.apps, self.plans)):
+            if not Persistence.wanted(plan):
+                continue
+            p = Persistence(state_dir, app.tenant, app.name, say=self._tell)
+            eng = Engine(plan, PacketPool(64), tenant_id=self.tenant_ids[a],
+                         nbuckets=self.nbuckets, hop_limit=self.hop_limit)
+            p.load(eng, now if self.live else None, offset)
+            self.persist[a], self.shadow[a] = p, eng
+        self._saved: dict[tuple[int, str], bytes] = {}
+
+    def _owner(self, a: int, dev) -> int:
+        """The worker that owns ``dev``'s shared tables: every worker for replicated
+        tables (-1), else the worker of the bucket its traffic is steered to."""
+        frame = dev.owner_frame() if not dev.replicate_shared else None
+        if frame is None:
+            return -1
+        from dva.packet.steer import flow_buckets
+
+        b = flow_buckets([frame], tenant=self.tenant_ids[a], nbuckets=self.nbuckets,
+                         alias=self.alias[a])
+        return int(self.table[int(b[0])])
+
+    def _initial(self, w: int):
+        """What worker ``w`` starts with of the persisted state: per appliance, device
+        name -> its shared tables (those it owns, or all if replicated)."""
+        if not any(e is not None for e in self.shadow):
+            return None
+        now, _ = self._clock()
+        parts = []
+        for a, eng in enumerate(self.shadow):
+            named = {}
+            if eng is not None:
+                for d, st in zip(eng.plan.devices, eng.states):
+                    if d.persist and self._owner(a, d) in (-1, w):
+                        named[d.name] = st.export_shared(now)
+            parts.append(named)
+        return parts, now
+
+    def save_state(self, wait: bool = False, force: bool = False) -> None:
+        """Gather the persisted devices' tables from their owners and save those that
+        changed (at most every ``SAVE_INTERVAL`` unless ``force``); ``wait``: now,
+        else when the workers answer."""
+        if not any(p is not None for p in self.persist):
+            return
+        now, _ = self._clock()
+        ws = self.active()
+        got: dict[int, list] = {}
+        if wait:
+            for w in ws:
+                try:
+                    got[w] = self.call(w, ("export_persisted", now), timeout=STOP_TIMEOUT)
+                except (RuntimeError, TimeoutError):
+                    pass
+            self._store(got, force)
+            return
+
+        def gather(w):
+            def h(reply):
+                if reply[0] == "ok":
+                    got[w] = reply[1]
+                    if len(got) == len(ws):
+                        self._store(got, force)
+            return h
+        for w in ws:
+            self._request(w, ("export_persisted", now), gather(w))
+
+    def _store(self, got: dict[int, list], force: bool) -> None:
+        now, offset = self._clock()
+        for a, p in enumerate(self.persist):
+            if p is None:
+                continue
+            eng = self.shadow[a]
+            for i, d in enumerate(eng.plan.devices):
+                if not d.persist:
+                    continue
+                owner = self._owner(a, d)
+                fresh = d.new_state()
+                fresh.bucket_mask = eng.bucket_mask
+                for w, parts in got.items():
+                    data = parts[a].get(d.name) if a < len(parts) else None
+                    if data is not None and owner in (-1, w):
+                        fresh.merge_shared(data, now)
+                data = fresh.export_shared(now)
+                if self._saved.get((a, d.name)) != data:  # changed: the next save writes
+                    eng.states[i] = fresh
+                    self._saved[(a, d.name)] = data
+            p.maybe_save(eng, now, offset, force)
+
+    def _shadow_follows(self, a: int, plan) -> None:
+        """After an apply: the shadow engine takes the new plan, keeping the state of
+        persisted devices of the same name and type."""
+        old = self.shadow[a]
+        if old is None:
+            return
+        eng = Engine(plan, PacketPool(64), tenant_id=self.tenant_ids[a],
+                     nbuckets=self.nbuckets, hop_limit=self.hop_limit)
+        before = {d.name: (d.type_name, st) for d, st in zip(old.plan.devices, old.states)}
+        for i, d in enumerate(plan.devices):
+            kept = before.get(d.name)
+            if d.persist and kept is not None and kept[0] == d.type_name:
+                eng.states[i] = kept[1]
+        self.shadow[a] = eng
 
     # -- replication -----------------------------------------------------------------
     def replicate(self, now: float, wait: bool = False) -> None:
@@ -524,6 +668,7 @@ class Runtime:
         port = self.ports[g]
         b = self.batch
         b.clear()
+        self.last_time = t0
         while b.n < self.batch_size:
             t = port.peek()
             if t is None or t > t0 + 1e-3 or (limit is not None and t > limit):
@@ -555,7 +700,7 @@ class Runtime:
         for p in self.ports:
             poller.register(p.fileno(), select.POLLIN)
         end = None if duration is None else time.monotonic() + duration
-        next_tick = next_rep = time.monotonic()
+        next_tick = next_rep = next_save = time.monotonic()
         next_second = next_tick + 1.0
         idle = 0
         while not self._stop:
@@ -578,11 +723,16 @@ class Runtime:
             if now >= next_rep:
                 self.replicate(now)
                 next_rep = now + REPLICATE
+            if now >= next_save:
+                self.save_state()
+                next_save = now + SAVE_INTERVAL
             if control is not None:
                 control.serve(self)
             if self._reload_job is not None and not self._reload_job.is_alive():
                 self._reload_job = None
                 self._finish_apply()
+            if self._reload_queue and self._reload_job is None and self._applying is None:
+                self.apply(self._reload_queue.pop(0))
             if now >= next_second:
                 self._read_kernel_drops()
                 for w in self.active():
@@ -604,7 +754,13 @@ class Runtime:
         att = g - int(self.app_base[a])
         b = self.batch
         moved = 0
-        for _ in range(64):
+        for _ in range(PUMP_ROUNDS):
+            if not self._room_for_batch():
+                # back-pressure: the frames wait in the port's kernel ring (which
+                # counts what it cannot hold as kernel_drops) until workers catch up
+                self._collect_all()
+                if not self._room_for_batch():
+                    break
             b.clear()
             n = port.recv(b, self.batch_size)
             if n == 0:
@@ -614,6 +770,14 @@ class Runtime:
             if moved >= 4 * self.batch_size:
                 self._collect_all()
         return moved
+
+    def _room_for_batch(self) -> bool:
+        """Every worker's rx ring can take a whole batch (whichever buckets it has)."""
+        need = self.bus.ring_capacity - self.batch_size
+        for w in range(self.nworkers):
+            if ring_count(self.bus.rx[w]) > need:
+                return False
+        return True
 
     def _read_kernel_drops(self) -> None:
         for p in self.ports:
@@ -625,32 +789,65 @@ class Runtime:
     def request_stop(self) -> None:
         self._stop = True
 
+    def request_reload(self) -> None:
+        """Apply every appliance's file again at the next wake-up (safe in a signal
+        handler: SIGHUP)."""
+        self._reload_queue.extend(a.source for a in self.apps)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until every worker runs its loop (its engines built): only then is the
+        appliance ready; meanwhile frames wait in the workers' rings."""
+        end = time.monotonic() + timeout
+        for w in self.active():
+            while not self.bus.load[w, LOAD_BEAT_NS]:
+                h = self.workers[w]
+                if h.proc is None or not h.proc.is_alive():
+                    raise RuntimeError(f"worker {w} exited while starting "
+                                       f"(exit code {h.proc.exitcode if h.proc else None})")
+                if time.monotonic() > end:
+                    raise TimeoutError(f"worker {w} did not start within {timeout:g} s")
+                self._collect_all()
+                time.sleep(0.005)
+
+    @property
+    def app(self) -> Appliance:
+        """The first (on ``dva run``: the only) appliance."""
+        return self.apps[0]
+
+    @property
+    def plan(self):
+        return self.plans[0]
+
     # -- config generations ----------------------------------------------------------
     _reload_job: threading.Thread | None = None
     _reload_built = None
     _reload_done: Callable | None = None
+    _reload_source = ""
 
     def apply(self, path: str | None = None, text: str | None = None,
               done: Callable[[bool, str], None] | None = None) -> None:
         """Validate and build the new config for the appliance of the same name in the
         background; when built, every worker swaps to it (``done(ok, message)``)."""
-        if self._reload_job is not None:
+        if self._reload_job is not None or self._applying is not None:
             if done:
                 done(False, "another apply is in progress")
             return
         self._reload_done = done
+        self._reload_source = path or "<apply>"
         self._reload_job = threading.Thread(target=self._build, args=(path, text),
                                             daemon=True, name="dva-apply")
         self._reload_job.start()
 
     def _build(self, path, text) -> None:
         try:
+            base = Path(path).resolve().parent if path else None
             if text is None:
-                app = load_appliance(path)
-                text = open(path).read()
-            else:
-                from dva.graph.appliance import parse_appliance
-                app = parse_appliance(text, source=path or "<apply>")
+                try:  # read once: what is validated here is what the workers run
+                    text = Path(path).read_text()
+                except (OSError, UnicodeDecodeError):
+                    load_appliance(path)  # raises ApplianceError, saying why
+                    raise
+            app = parse_appliance(text, source=path or "<apply>", base_dir=base)
             names = [x.qualified_name for x in self.apps]
             if app.qualified_name not in names:
                 raise ReloadRejected(f"no running appliance {app.qualified_name} (this "
@@ -664,10 +861,12 @@ class Runtime:
                    nbuckets=self.nbuckets, hop_limit=self.hop_limit).warm()
             self._reload_built = (a, app, text)
         except ApplianceError as e:
-            self._reload_built = ReloadRejected("invalid appliance",
-                                                e.render().splitlines()[1:])
+            n = len(e.issues)
+            self._reload_built = ReloadRejected(
+                f"invalid appliance ({n} problem{'s' if n != 1 else ''})",
+                e.render().splitlines()[1:])
         except ReloadRejected as e:
-            self._reload_built = e
+            self._reload_built = ReloadRejected(e.reason, [f"  {p}" for p in e.problems])
         except Exception as e:
             self._reload_built = ReloadRejected(f"{type(e).__name__}: {e}")
 
@@ -675,26 +874,52 @@ class Runtime:
         built, self._reload_built = self._reload_built, None
         done, self._reload_done = self._reload_done, None
         if isinstance(built, ReloadRejected):
-            self.applies_rejected += 1
-            msg = (f"apply rejected: {built.reason}; generation {self.generation} keeps "
-                   f"running" + "".join(f"\n  {p.strip()}" for p in built.problems))
+            self.reloads_rejected += 1
+            msg = (f"reload of {self._reload_source} rejected: {built.reason}; generation "
+                   f"{self.generation} keeps running")
             self._tell(msg)
+            for p in built.problems:
+                self._tell(p)
             if done:
-                done(False, msg)
+                done(False, "\n".join([msg, *built.problems]))
             return
         a, app, text = built
         gen = self.generation + 1
-        errors = []
-        for w in self.active():
-            try:
-                self.call(w, ("apply", gen, a, text, app.source))
-            except (RuntimeError, TimeoutError) as e:
-                errors.append(str(e))
-        self.apps[a] = app
+        self.apps[a] = app  # a worker (re)started from now on starts with it
+        self.plans[a] = compile_plan(app)
+        self.alias[a] = plan_aliases(self.plans[a])  # e.g. port forwards edited
+        self._shadow_follows(a, self.plans[a])
         self.generation = gen
-        msg = f"applied {app.source}: generation {gen}"
+        ws = self.active()
+        replies: dict[int, tuple] = {}
+        self._applying = (app.source, gen, done)
+
+        def answered(w):
+            def h(reply):
+                replies[w] = reply
+                if len(replies) == len(ws):
+                    self._applied(replies)
+            return h
+        for w in ws:  # each answers once it has swapped (at its next quiet batch edge)
+            if not self._request(w, ("apply", gen, a, text, app.source, app.base_dir),
+                                 answered(w)):
+                replies[w] = ("ok", None)  # dead: it restarts with the new generation
+        if len(replies) == len(ws):
+            self._applied(replies)
+
+    _applying: tuple | None = None  # (source, generation, done) until every worker swapped
+
+    def _applied(self, replies: dict[int, tuple]) -> None:
+        source, gen, done = self._applying
+        self._applying = None
+        errors = [f"worker {w}: {v}" for w, (st, v) in sorted(replies.items()) if st != "ok"]
+        reports = [v for st, v in replies.values() if st == "ok" and v]
+        summary = reports[0]["summary"] if reports else ""
+        for p in sorted({p for r in reports for p in r["problems"]}):
+            self._tell(f"reload of {source}: {p}")
+        msg = f"reloaded {source}: generation {gen}" + (f" ({summary})" if summary else "")
         if errors:
-            msg += " (" + "; ".join(errors) + ")"
+            msg += "; " + "; ".join(errors)
         self._tell(msg)
         if done:
             done(not errors, msg)
@@ -710,6 +935,13 @@ class Runtime:
         if self._reload_job is not None:
             self._reload_job = None
             self._finish_apply()
+        while self._applying is not None:
+            if time.monotonic() > end:
+                raise TimeoutError("the workers did not swap to the new generation")
+            self._collect_all()
+            for w in self.active():
+                self._poll_replies(w)
+            time.sleep(0.001)
 
     # -- counters and status ---------------------------------------------------------
     def worker_counters(self) -> list[dict]:
@@ -757,15 +989,15 @@ class Runtime:
             c[f"bus w{w} slots_reclaimed"] = int(self.reclaimed[w])
             c[f"worker w{w} restarts"] = self.workers[w].restarts
         c["config generation"] = self.generation
-        c["config applies_rejected"] = self.applies_rejected
+        c["config reloads_rejected"] = self.reloads_rejected
         return c
 
     def accounting_errors(self, snaps: list[dict] | None = None) -> list[str]:
         snaps = self.worker_counters() if snaps is None else snaps
         errs = []
-        for w, s in zip(self.active(), snaps):
-            for a, part in enumerate(s["apps"]):
-                errs += [f"worker {w}: {e}" for e in part["errors"]]
+        for s in snaps:
+            for part in s["apps"]:
+                errs += [f"worker {s['worker']}: {e}" for e in part["errors"]]
         return errs
 
     def status(self) -> dict:
@@ -783,6 +1015,7 @@ class Runtime:
                 "busy_fraction": round(int(ld[LOAD_BUSY_NS]) / 1e9
                                        / max(now - h.started, 1e-9), 4),
                 "batches": int(ld[LOAD_BATCHES]), "packets": int(ld[LOAD_PACKETS]),
+                "generation": int(ld[LOAD_GEN]),
                 "ring": int(ring_count(self.bus.rx[w])),
                 "heartbeat_age_s": (round(now - int(ld[LOAD_BEAT_NS]) / 1e9, 3)
                                     if ld[LOAD_BEAT_NS] else None),
@@ -798,6 +1031,7 @@ class Runtime:
     def stop(self) -> dict[str, int]:
         """Drain every worker, collect its final counters, end it; returns the
         aggregated counters (also in ``final``)."""
+        self.save_state(wait=True, force=True)
         snaps = []
         for w in self.active():
             h = self.workers[w]
@@ -824,6 +1058,10 @@ class Runtime:
     stopped = False
 
     def close(self) -> None:
+        for p in self.persist:
+            if p is not None:
+                p.close()
+        self.persist = [None] * len(self.apps)
         for h in self.workers:
             if h.proc is not None and h.proc.is_alive():
                 h.proc.kill()

@@ -204,6 +204,12 @@ class Device(ABC):
     # True: the runtime saves this device's shared state (``export_shared``) to a file
     # and loads it at start (dva.worker.persist), so it survives restarts (DHCP leases).
     persist: ClassVar[bool] = False
+    # False: with several workers, this device's shared tables are not replicated:
+    # the device's aliases (bucket_aliases) put all of its traffic in one flow bucket,
+    # and the worker owning that bucket owns the tables (replication merges entries
+    # but never deletes one, so it would bring back what the owner removed: a released
+    # DHCP lease).
+    replicate_shared: ClassVar[bool] = True
 
     def __init__(self, name: str, config: DeviceConfig) -> None:
         self.name = name
@@ -225,6 +231,12 @@ class Device(ABC):
         :mod:`dva.packet.steer`: the runtime buckets them as their canonical endpoint so
         both directions of a rewritten flow reach the worker that owns it."""
         return []
+
+    def owner_frame(self) -> bytes | None:
+        """For a device whose shared tables are not replicated (``replicate_shared``):
+        a frame of its traffic; the worker owning that frame's bucket owns the tables
+        (the manager saves that worker's copy and gives it the persisted state)."""
+        return None
 
     def describe(self) -> str:
         """One line for ``dva trace`` and status views."""

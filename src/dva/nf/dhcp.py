@@ -586,6 +586,22 @@ class Dhcp(Device):
     counters = EVENTS
     notes = NOTES
     persist = True  # leases are saved by the runtime and survive restarts
+    replicate_shared = False  # one owner: the worker of the DHCP bucket (bucket_aliases)
+
+    def bucket_aliases(self) -> list[tuple[int, ...]]:
+        """Every DHCP message (UDP port 67 or 68 on either side, whatever the
+        addresses: 0.0.0.0 and broadcast while selecting, the lease's address when
+        renewing or releasing) is bucketed as (server address, 67) <-> (server address,
+        68), so one worker sees all of them and owns the leases."""
+        me = int(self.cfg[0])
+        return [(17, -1, 67, 68, me, 67)]
+
+    def owner_frame(self) -> bytes:
+        """A client's broadcast to the server (every DHCP message shares its bucket)."""
+        from dva.packet.build import UDP, Eth, IPv4
+
+        return bytes(Eth(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
+                     / IPv4(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67))
 
     def __init__(self, name: str, config: DhcpConfig) -> None:
         super().__init__(name, config)

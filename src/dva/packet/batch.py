@@ -15,7 +15,7 @@ import numpy as np
 
 from dva._jit import kernel
 from dva.packet import layout as L
-from dva.packet.pool import PacketPool, PoolExhausted, pool_alloc
+from dva.packet.pool import PacketPool, PoolExhausted, pool_alloc, pool_release
 
 
 @kernel
@@ -53,6 +53,13 @@ def new_row(meta, r, slot, start, length, verdict, hops, note):
     meta[r, L.HOPS] = hops
     meta[r, L.NOTE] = note
     meta[r, L.VLAN] = -1
+
+
+@kernel
+def release_rows(free, top, meta, n):
+    """Every slot of rows ``0..n`` back to the pool (own stack or return list)."""
+    for i in range(n):
+        pool_release(free, top, meta[i, L.SLOT])
 
 
 class PacketBatch:
@@ -118,8 +125,8 @@ class PacketBatch:
 
     def release_all(self) -> None:
         """Return every slot of the batch to the pool and empty it."""
-        for s in self.meta[: self.n, L.SLOT]:
-            self.pool.release(int(s))
+        if self.n:
+            release_rows(self.pool.free, self.pool.top, self.meta, self.n)
         self.n = 0
 
 

@@ -46,6 +46,11 @@ def alias_table(rows) -> np.ndarray:
     return a
 
 
+def plan_aliases(plan) -> np.ndarray:
+    """Every alias the devices of a compiled plan declare, as one table."""
+    return alias_table([r for d in plan.devices for r in d.bucket_aliases()])
+
+
 @kernel
 def _term_delta(alias, proto, addr, port):
     """Term of the canonical endpoint minus the endpoint's own (0 if none matches)."""
@@ -94,3 +99,21 @@ def alias_buckets(data, meta, start_row, end_row, alias, bucket_mask):
         d = _term_delta(alias, proto, src, sport) + _term_delta(alias, proto, dst, dport)
         if d != 0:
             row[L.BUCKET] = (row[L.BUCKET] + d) & bucket_mask
+
+
+def flow_buckets(frames, *, tenant: int = 0, nbuckets: int = 4096,
+                 alias: np.ndarray | None = None) -> np.ndarray:
+    """The flow bucket a dispatcher gives each frame (tools and tests: which worker
+    owns a flow, with the instance's indirection table)."""
+    from dva.packet.batch import PacketBatch
+    from dva.packet.parse import parse_batch
+    from dva.packet.pool import PacketPool
+
+    frames = list(frames)
+    b = PacketBatch(PacketPool(max(len(frames), 1)), max(len(frames), 1))
+    for f in frames:
+        b.add_frame(f, tenant=tenant)
+    parse_batch(b.pool.data, b.meta, 0, b.n, nbuckets - 1)
+    if alias is not None:
+        alias_buckets(b.pool.data, b.meta, 0, b.n, alias, nbuckets - 1)
+    return b.meta[:b.n, L.BUCKET].copy()

@@ -119,7 +119,13 @@ def stop_appliance(proc: subprocess.Popen) -> tuple[int, dict[str, int], str]:
     return proc.returncode, counters, stderr
 
 
-def run_demo(say=print, workers: int = 0) -> DemoResult:
+def run_demo(say=print, workers: int | None = None) -> DemoResult:
+    """The demo lab; ``workers``: the appliance's worker processes (0: inline in one
+    process; None: ``dva run``'s default, one per core left after the dispatcher)."""
+    from dva.dispatch.runtime import default_workers
+
+    if workers is None:
+        workers = default_workers()
     res = DemoResult()
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="dva-demo-") as tmp:
         workdir = Path(tmp)
@@ -138,10 +144,13 @@ def run_demo(say=print, workers: int = 0) -> DemoResult:
         say(f"appliance: switch lan (h1, h2) + router r1 (10.0.0.1, 198.51.100.1) + "
             f"firewall fw + nat (masquerade, port 8080 -> h2:8000) on "
             f"{h1.outside}, {h2.outside}, {inet.outside}")
-        extra = ["--workers", str(workers), "--control", str(workdir / "ctl.sock")] \
-            if workers else []
+        extra = ["--workers", str(workers)]
         if workers:
-            say(f"runtime: a dispatcher and {workers} worker processes")
+            extra += ["--control", str(workdir / "ctl.sock")]
+            say(f"runtime: a dispatcher and {workers} worker process"
+                f"{'es' if workers > 1 else ''} (shared-memory rings)")
+        else:
+            say("runtime: the graph inline in one process (--workers 0)")
         proc, _ = start_appliance(app, workdir, extra)
         try:
             def check(what: str, ok: bool, detail: str = "") -> None:

@@ -36,9 +36,8 @@ from dva.nf.base import DROP_BASE, HOLD, MULTI, Device, DeviceState
 from dva.packet import layout as L
 from dva.packet.batch import PacketBatch, row_copy
 from dva.packet.parse import parse_batch
-from dva.packet.steer import alias_buckets
 from dva.packet.pool import PacketPool, pool_copy, pool_release
-from dva.packet.steer import alias_table
+from dva.packet.steer import alias_buckets, plan_aliases
 
 DEFAULT_HOP_LIMIT = 16
 # device counter slots besides rx/tx/drops; "invalid" are verdicts the engine could
@@ -218,7 +217,7 @@ class Engine:
         self.hop_limit = hop_limit
         self.states = states or [d.new_state() for d in plan.devices]
         # endpoints devices rewrite without keeping the bucket (dva.packet.steer)
-        self.alias = alias_table([r for d in plan.devices for r in d.bucket_aliases()])
+        self.alias = plan_aliases(plan)
         for st in self.states:  # devices that choose flow buckets (nat) need the count
             st.bucket_mask = self.bucket_mask
         self.counters = [DeviceCounters.for_device(d) for d in plan.devices]

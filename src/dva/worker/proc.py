@@ -15,7 +15,8 @@ reaches the dispatcher's rx-ring push, which counts it. Live (``ticks``), every
 ``TICK`` seconds the engines tick (ARP retries, held packets).
 
 Control (a pipe; the out-of-band bus), between batches: ``counters``, ``export``
-(shared tables), ``merge`` (another replica's), ``apply`` (a new config generation:
+(shared tables to replicate), ``export_persisted`` (those of devices that persist
+their state, for the manager to save), ``merge`` (another replica's), ``apply`` (a new config generation:
 built, then swapped in once nothing is held or after ``HOLD_DRAIN``), ``sync``
 (answer once the rx ring is empty and every output is on the tx ring), ``stop``
 (drain, answer the final counters, exit). Load words on the bus (busy ns, batches,
@@ -35,6 +36,7 @@ from dva._jit import kernel
 from dva.graph.appliance import parse_appliance
 from dva.packet import layout as L
 from dva.packet.batch import PacketBatch
+from dva.packet.pool import pool_release
 from dva.packet.ring import (
     D_APP,
     D_ATTACH,
@@ -51,7 +53,6 @@ from dva.packet.ring import (
     ring_pop,
     ring_push,
 )
-from dva.packet.pool import pool_release
 from dva.worker.bus import LOAD_BATCHES, LOAD_BEAT_NS, LOAD_BUSY_NS, LOAD_GEN, LOAD_PACKETS
 from dva.worker.engine import Engine
 from dva.worker.reload import HOLD_DRAIN, held_packets, prepare, swap
@@ -63,11 +64,12 @@ TICK = 0.1
 def take_run(desc, i, k, meta, free, top):
     """From descriptor ``i`` on: release ``K_FREE`` slots, copy the run of ``K_PKT``
     descriptors of one (appliance, attachment) into ``meta``. Returns the index after
-    the run, the rows copied (in ``meta``'s first rows), and the run's appliance and
-    attachment."""
+    the run, the rows copied (in ``meta``'s first rows), the run's appliance and
+    attachment, and its first packet's receive time (ns; ``K_FREE`` ones carry none)."""
     n = 0
     app = -1
     att = -1
+    t_ns = 0
     while i < k:
         kind = desc[i, D_KIND]
         if kind == K_FREE:
@@ -77,6 +79,7 @@ def take_run(desc, i, k, meta, free, top):
         if n == 0:
             app = desc[i, D_APP]
             att = desc[i, D_ATTACH]
+            t_ns = desc[i, D_TIME]
         elif desc[i, D_APP] != app or desc[i, D_ATTACH] != att or n >= meta.shape[0]:
             break
         for f in range(L.NFIELDS):
@@ -87,7 +90,7 @@ def take_run(desc, i, k, meta, free, top):
         meta[n, L.VLAN] = -1
         n += 1
         i += 1
-    return i, n, app, att
+    return i, n, app, att, t_ns
 
 
 @kernel
@@ -136,7 +139,8 @@ class AppSlot:
 class Worker:
     def __init__(self, index: int, bus, apps, conn, *, batch_size: int = 256,
                  hop_limit: int = 16, nbuckets: int = 4096, ticks: bool = True,
-                 generation: int = 1, tenant_ids: list[int] | None = None) -> None:
+                 generation: int = 1, tenant_ids: list[int] | None = None,
+                 initial=None) -> None:
         self.index = index
         self.bus = bus
         self.pool = bus.pool(index)
@@ -157,6 +161,13 @@ class Worker:
         self.out = np.zeros((4 * batch_size, DESC_WORDS), np.int64)
         self.nout = 0
         self.stopping = False
+        self.load[LOAD_GEN] = generation
+        if initial is not None:  # persisted state (leases) the manager holds
+            by_name, t = initial
+            for s, named in zip(self.apps, by_name):
+                for d, st in zip(s.engine.plan.devices, s.engine.states):
+                    if d.name in named:
+                        st.merge_shared(named[d.name], t)
 
     # -- output ----------------------------------------------------------------------
     def _room(self, n: int) -> None:
@@ -198,11 +209,11 @@ class Worker:
         i = 0
         moved = 0
         while i < k:
-            t_ns = int(self.desc[i, D_TIME])
-            i, n, a, d_att = take_run(self.desc, i, k, b.meta, self.pool.free,
-                                      self.pool.top)
+            i, n, a, d_att, t_ns = take_run(self.desc, i, k, b.meta, self.pool.free,
+                                            self.pool.top)
             if n == 0:
                 continue
+            t_ns = int(t_ns)
             slot = self.apps[a]
             b.n = n
             att = slot.to_engine[d_att]
@@ -239,7 +250,7 @@ class Worker:
             if self.ticks and now >= next_tick:
                 self.tick(now)
                 next_tick = now + TICK
-            if k == 0 or idle % 64 == 0:
+            if (k == 0 or idle % 64 == 0) and not self.swapping():
                 if self.conn.poll():
                     if not self.control(self.conn.recv()):
                         return
@@ -257,30 +268,36 @@ class Worker:
         op = msg[0]
         if op == "counters":
             self.conn.send(("ok", self.counters()))
-        elif op == "export":
+        elif op == "export":  # shared tables to replicate (None: not replicated)
             t = msg[1]
-            self.conn.send(("ok", [[st.export_shared(t) for st in s.engine.states]
+            self.conn.send(("ok", [[st.export_shared(t) if d.replicate_shared else None
+                                    for d, st in zip(s.engine.plan.devices,
+                                                     s.engine.states)]
                                    for s in self.apps]))
+        elif op == "export_persisted":  # shared tables of devices that persist state
+            t = msg[1]
+            self.conn.send(("ok", [{d.name: st.export_shared(t)
+                                    for d, st in zip(s.engine.plan.devices, s.engine.states)
+                                    if d.persist} for s in self.apps]))
         elif op == "merge":
             _, parts, t = msg
-            for s, per_dev in zip(self.apps, parts):
-                for st, data in zip(s.engine.states, per_dev):
-                    st.merge_shared(data, t)
+            self.merge(parts, t)
             self.conn.send(("ok", None))
         elif op == "sync":
             self.drain()
             self.conn.send(("ok", None))
         elif op == "apply":
-            _, gen, a, text, source = msg
+            _, gen, a, text, source, base_dir = msg
             try:
-                app = parse_appliance(text, source=source)
+                app = parse_appliance(text, source=source, base_dir=base_dir)
                 new = prepare(app, self.apps[a].engine)
             except Exception as e:  # the manager validated it: this is a bug, say so
                 self.conn.send(("error", f"{type(e).__name__}: {e}"))
                 return True
+            # answered by the swap; until then no other request is read (replies stay
+            # in request order)
             self.apps[a].pending = (new, gen, time.monotonic() + HOLD_DRAIN)
             self._maybe_swap(a, time.monotonic(), force=not self.ticks)
-            self.conn.send(("ok", None))
         elif op == "stop":
             self.drain()
             for a in range(len(self.apps)):
@@ -293,6 +310,17 @@ class Worker:
             self.conn.send(("error", f"unknown request {op!r}"))
         return True
 
+    def swapping(self) -> bool:
+        """A new generation waits for its swap (its apply is not answered yet)."""
+        return any(s.pending is not None for s in self.apps)
+
+    def merge(self, parts, t: float) -> None:
+        """Fold exports of shared tables in (per appliance, per device; None: none)."""
+        for s, per_dev in zip(self.apps, parts):
+            for st, data in zip(s.engine.states, per_dev or ()):
+                if data is not None:
+                    st.merge_shared(data, t)
+
     def _maybe_swap(self, a: int, now: float, force: bool = False) -> None:
         slot = self.apps[a]
         if slot.pending is None:
@@ -301,13 +329,21 @@ class Worker:
         if not force and held_packets(slot.engine) and now < deadline:
             return
         old = slot.engine
-        report = swap(old, new, now)
+        try:
+            report = swap(old, new, now)
+        except Exception as e:  # a bug in a device's export/import: keep running
+            self._emit_raw(a, old.outputs, slot.to_disp, int(now * 1e9))
+            slot.pending = None
+            self.conn.send(("error", f"the swap failed ({type(e).__name__}: {e}); "
+                                     f"generation {self.generation} keeps running here"))
+            return
         old_disp = slot.to_disp
         self._emit_raw(a, report.outputs, old_disp, int(now * 1e9))
         slot.set_engine(new)
         slot.pending = None
         self.generation = gen
         self.load[LOAD_GEN] = gen
+        self.conn.send(("ok", {"summary": report.summary(), "problems": report.problems}))
 
     def _emit_raw(self, a, outputs, to_disp, t_ns) -> None:
         for e_att, ob in enumerate(outputs):
@@ -325,7 +361,8 @@ class Worker:
                         "errors": e.accounting_errors(),
                         "held": sum(st.held_slots() for st in e.states),
                         "attach_refs": s.first_refs})
-        return {"apps": res, "generation": self.generation, "pid": os.getpid(),
+        return {"apps": res, "worker": self.index, "generation": self.generation,
+                "pid": os.getpid(),
                 "free": self.pool.available, "owned": self.pool.owned}
 
 
