@@ -85,9 +85,16 @@ def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Tabl
 @click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None,
               help="With --workers: the control socket for dva status/counters/apply/stop "
                    "(default $DVA_RUN_DIR, else /run/dva, /TENANT-APPLIANCE.sock).")
+@click.option("--autoscale", default=None, metavar="MIN:MAX",
+              help="Live: let the manager run MIN to MAX workers, following their load.")
+@click.option("--scale-policy", default="", metavar="K=V,...",
+              help="Autoscaler thresholds: out (mean busy fraction to add a worker, "
+                   "0.75), in (to remove one, 0.25), ring (rx ring fill, 0.5), sustain "
+                   "(s, 3), hold (s between decisions, 10).")
 def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: bool,
         quiet: bool, duration: float | None, ready_file: str | None,
-        state_dir: str | None, workers: int | None, control_path: str | None) -> None:
+        state_dir: str | None, workers: int | None, control_path: str | None,
+        autoscale: str | None, scale_policy: str) -> None:
     """Run the appliance in FILE.
 
     With pcap/memory attachments: offline, over the pcap inputs, then print counters.
@@ -108,16 +115,45 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
     live = any(a.spec.kind in LIVE_KINDS for a in app.attachments)
     if live:
         state_dir = state_dir or os.environ.get("DVA_STATE_DIR") or DEFAULT_DIR
+    policy = None
+    if autoscale is not None:
+        policy = _policy(autoscale, scale_policy)
+        if workers is None:
+            workers = policy.min_workers
+        elif not policy.min_workers <= workers <= policy.max_workers:
+            err.print(f"error: --workers {workers} is outside --autoscale {autoscale}",
+                      markup=False)
+            sys.exit(2)
     if workers is None:
         workers = default_workers() if live else 0
     if workers:
         _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
-                     ready_file, control_path, state_dir)
+                     ready_file, control_path, state_dir, policy)
     elif live:
         _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file,
                   state_dir)
     else:
         _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet, state_dir)
+
+
+def _policy(spec: str, extra: str):
+    from dva.dispatch.autoscale import Policy
+
+    names = {"out": "out_busy", "in": "in_busy", "ring": "ring_high", "sustain": "sustain",
+             "hold": "hold_down"}
+    try:
+        lo, _, hi = spec.partition(":")
+        kw = {"min_workers": int(lo), "max_workers": int(hi)}
+        for item in filter(None, extra.split(",")):
+            k, _, v = item.partition("=")
+            if k.strip() not in names:
+                raise ValueError(f"unknown policy key {k.strip()!r} (keys: "
+                                 f"{', '.join(names)})")
+            kw[names[k.strip()]] = float(v)
+        return Policy(**kw)
+    except ValueError as e:
+        err.print(f"error: --autoscale {spec} --scale-policy {extra!r}: {e}", markup=False)
+        sys.exit(2)
 
 
 def _run_offline(app, batch_size, hop_limit, show_all, as_json, quiet, state_dir) -> None:
@@ -187,7 +223,7 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
 
 
 def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
-                 ready_file, control_path, state_dir) -> None:
+                 ready_file, control_path, state_dir, policy=None) -> None:
     """``dva run --workers N``: the dispatcher (this process), N workers, a manager."""
     import signal
 
@@ -203,7 +239,8 @@ def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, 
 
     try:
         rt = Runtime([app], workers=workers, live=live, batch_size=batch_size,
-                     hop_limit=hop_limit, say=say, state_dir=state_dir)
+                     hop_limit=hop_limit, say=say, state_dir=state_dir, autoscale=policy,
+                     max_workers=policy.max_workers if policy else None)
     except (PortError, ValueError) as e:
         err.print(f"error: {e}", markup=False)
         sys.exit(1)
@@ -329,6 +366,24 @@ def apply(file: str, control_path: str | None) -> None:
         err.print(r.get("error", "rejected"), markup=False)
         sys.exit(1)
     out.print(f"{app.qualified_name}: {r['message']}", markup=False)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--workers", "n", required=True, type=click.IntRange(1, 64),
+              help="The number of worker processes to run.")
+def scale(target: str, n: int) -> None:
+    """Start or stop workers of a running instance; buckets (and their flow state)
+    move without loss so that each worker owns an even share."""
+    r = _control_request(target, {"op": "scale", "workers": n})
+    if not r.get("ok"):
+        err.print(f"error: {r.get('error')}", markup=False)
+        sys.exit(1)
+    moved = sum(m["buckets"] for m in r["moves"])
+    flows = sum(m["flows"] for m in r["moves"])
+    slowest = max((m["ms"] for m in r["moves"]), default=0.0)
+    out.print(f"{r['workers']} workers; {moved} buckets moved in {len(r['moves'])} moves "
+              f"({flows} flow entries, longest hold {slowest:.1f} ms)", markup=False)
 
 
 @main.command()

@@ -298,3 +298,68 @@ def test_a_killed_worker_is_back_within_two_seconds_and_the_other_loses_nothing(
     assert sum(lost[p] for p in on1) <= c["bus w1 slots_reclaimed"]
     assert c["bus w0 drop/ring_full"] == 0 and c["bus w0 drop/worker_died"] == 0
     assert c["config generation"] == 2
+
+
+def test_scaling_1_2_1_under_iperf3_and_a_download_keeps_every_connection(tmp_path):
+    """iperf3 TCP and a rate-limited curl download through router, firewall and NAT
+    (the demo's appliance) while ``dva scale`` goes 1 -> 2 -> 1 workers: both finish,
+    nothing is reset, and the server sees each connection from one NAT port."""
+    from dva.tools.demo import APPLIANCE as DEMO
+
+    with Lab() as lab:
+        h1 = lab.host("h1", "10.0.0.11/24", "10.0.0.1")
+        h2 = lab.host("h2", "10.0.0.12/24", "10.0.0.1")
+        inet = lab.host("inet", "198.51.100.10/24", "198.51.100.1")
+        www = tmp_path / "www"
+        www.mkdir()
+        (www / "big").write_bytes(os.urandom(3 << 20))
+        lab.http_server(inet, 8080, str(www))
+        path = tmp_path / "demo.yaml"
+        path.write_text(DEMO.format(h1=h1.outside, h2=h2.outside, inet=inet.outside))
+        sock = str(tmp_path / "demo.sock")
+        app = Appliance(path, tmp_path, ("--workers", "1", "--control", sock))
+        try:
+            lab.exec(h1, ["ping", "-c", "2", "-i", "0.2", "-W", "2", inet.addr])
+            srv = lab.popen(inet, ["iperf3", "-s", "-1", "-J", "-p", "5201"], text=True)
+            time.sleep(0.5)
+            ip = lab.popen(h1, ["iperf3", "-c", inet.addr, "-p", "5201", "-t", "8", "-J"],
+                           text=True)
+            dl = lab.popen(h1, ["curl", "-sS", "-o", str(tmp_path / "got"), "-w",
+                                "%{size_download} %{local_port}", "--limit-rate", "500k",
+                                "--max-time", "30", f"http://{inet.addr}:8080/big"],
+                           text=True)
+            scaled = []
+            for n, at in ((2, 2.0), (1, 5.0)):
+                time.sleep(at - (2.0 if n == 1 else 0.0))
+                p = subprocess.run([os.sys.executable, "-m", "dva.cli", "scale", sock,
+                                    "--workers", str(n)], capture_output=True, text=True,
+                                   timeout=60)
+                assert p.returncode == 0, p.stderr
+                scaled.append(p.stdout.strip())
+            ip_out, _ = ip.communicate(timeout=60)
+            dl_out, dl_err = dl.communicate(timeout=60)
+            srv_out, _ = srv.communicate(timeout=30)
+            st = request(sock, {"op": "status"})["status"]
+        finally:
+            code, c, err = app.stop()
+    assert code == 0, err
+    assert scaled[0].startswith("2 workers; 2048 buckets moved"), scaled
+    assert scaled[1].startswith("1 workers; 2048 buckets moved"), scaled
+    assert any("scaled 1 -> 2" in d for d in st["decisions"])
+    assert any("scaled 2 -> 1" in d for d in st["decisions"])
+    # the download: every byte, one connection
+    assert dl.returncode == 0, dl_err
+    assert dl_out.split()[0] == str(3 << 20)
+    assert (tmp_path / "got").read_bytes() == (www / "big").read_bytes()
+    # iperf3: the transfer completed; the server saw the data connection from one
+    # address and port (the NAT's) all along
+    client = json.loads(ip_out)
+    assert "error" not in client, client.get("error")
+    assert client["end"]["sum_received"]["bytes"] > 0
+    server = json.loads(srv_out)
+    peers = {(s["remote_host"], s["remote_port"]) for s in server["start"]["connected"]}
+    assert len(peers) == 1 and next(iter(peers))[0] == "198.51.100.1", peers
+    assert c["fw drop/invalid"] == 0 and c["nat drop/invalid"] == 0
+    assert c["migration moves"] >= 2 and c["migration buckets_moved"] == 4096
+    assert c["migration drop/hold_full"] == 0
+    assert {k: v for k, v in c.items() if k.startswith("bus ") and "drop/" in k and v} == {}

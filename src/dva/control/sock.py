@@ -6,7 +6,8 @@ Requests: ``{"op": "status"}``, ``{"op": "counters"}``, ``{"op": "apply", "file"
 PATH}`` (answered once every worker runs the new generation, or with the reasons it
 was rejected: the running generation stays), ``{"op": "buckets"}`` (the indirection
 table: the worker of each flow bucket, see :func:`dva.packet.steer.flow_buckets`),
-``{"op": "stop"}``.
+``{"op": "scale", "workers": N}`` (answered when the workers run and the buckets
+moved: the moves), ``{"op": "stop"}``.
 
 A thread accepts connections and reads requests; the runtime's loop takes them
 between batches (:meth:`ControlServer.serve`), since only it may talk to the
@@ -117,12 +118,19 @@ class ControlServer:
                 elif op == "buckets":
                     self.reply(conn, {"ok": True, "table": rt.table.tolist(),
                                       "generation": rt.generation})
+                elif op == "scale":
+                    n = req.get("workers")
+                    if not isinstance(n, int) or isinstance(n, bool):
+                        self.reply(conn, {"ok": False, "error": "scale needs workers: N"})
+                        continue
+                    moves = rt.scale(n, reason="dva scale")
+                    self.reply(conn, {"ok": True, "workers": rt.nworkers, "moves": moves})
                 elif op == "stop":
                     rt.request_stop()
                     self.reply(conn, {"ok": True})
                 else:
                     self.reply(conn, {"ok": False, "error": f"unknown op {op!r}; ops: "
-                                      "status, counters, buckets, apply, stop"})
+                                      "status, counters, buckets, apply, scale, stop"})
             except Exception as e:  # a request must never take the data plane down
                 self.reply(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
 

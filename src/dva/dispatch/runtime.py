@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from dva._jit import kernel
+from dva.dispatch.autoscale import Autoscaler, Load, Policy, hot_buckets
 from dva.dispatch.live import PUMP_ROUNDS, check_live_attachments
 from dva.graph.appliance import Appliance, ApplianceError, load_appliance, parse_appliance
 from dva.graph.plan import compile_plan
@@ -68,12 +69,14 @@ from dva.packet.ring import (
     DESC_WORDS,
     K_FREE,
     K_PKT,
+    TAIL,
     ring_count,
     ring_pop,
     ring_push,
     ring_reset,
+    ring_taken,
 )
-from dva.packet.steer import alias_buckets, plan_aliases
+from dva.packet.steer import alias_buckets, owner_buckets, plan_aliases
 from dva.ports.offline import MemoryPort, PcapPort, PortError
 from dva.worker.bus import (
     LOAD_BATCHES,
@@ -92,6 +95,13 @@ REPLICATE = 0.1
 BUS_DROPS = ("ring_full", "worker_died")
 STOP_TIMEOUT = 10.0
 SAVE_INTERVAL = 0.5  # persisted state is gathered (and saved if changed) this often
+DEFAULT_MAX_WORKERS = 8  # rings and slot ranges the bus is made with (dva scale's limit)
+MIGRATION_COUNTERS = ("moves", "buckets_moved", "flows_moved", "packets_held",
+                      "hold_us_total", "hold_us_max", "rollbacks", "drop/hold_full")
+
+
+class MoveFailed(RuntimeError):
+    """A bucket move was rolled back (the source kept its state); the message says why."""
 
 
 def default_workers() -> int:
@@ -101,7 +111,7 @@ def default_workers() -> int:
 
 @kernel
 def steer_kernel(data, meta, n, tenant, alias, bucket_mask, table, app, att, t_ns,
-                 out, counts, lent):
+                 out, counts, lent, hits):
     """Parse and bucket ``n`` frames, then write each one's descriptor into the
     buffer of the worker its bucket maps to (``out[w, counts[w]]``)."""
     for i in range(n):
@@ -110,6 +120,7 @@ def steer_kernel(data, meta, n, tenant, alias, bucket_mask, table, app, att, t_n
     alias_buckets(data, meta, 0, n, alias, bucket_mask)
     for i in range(n):
         b = meta[i, L.BUCKET]
+        hits[b] += 1
         w = table[b]
         c = counts[w]
         out[w, c, D_KIND] = K_PKT
@@ -175,7 +186,8 @@ class Runtime:
                  ring_capacity: int = 4096, dispatcher_slots: int = 16384,
                  worker_slots: int = 4096, memory: dict[str, MemoryPort] | None = None,
                  say: Callable[[str], None] | None = None,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, hold_capacity: int = 65536,
+                 autoscale: Policy | None = None) -> None:
         if workers < 1:
             raise ValueError("the runtime needs at least one worker (0 runs inline)")
         if nbuckets <= 0 or nbuckets & (nbuckets - 1):
@@ -193,7 +205,7 @@ class Runtime:
         self.nbuckets = nbuckets
         self.say = say
         self.messages: list[str] = []
-        self.max_workers = max(workers, max_workers or workers)
+        self.max_workers = max(workers, max_workers or DEFAULT_MAX_WORKERS)
         self.bus = Bus(max_workers=self.max_workers, dispatcher_slots=dispatcher_slots,
                        worker_slots=worker_slots, ring_capacity=ring_capacity)
         self.pool: PacketPool = self.bus.pool(-1)
@@ -213,10 +225,21 @@ class Runtime:
         # bucket -> worker: round robin to start (dva scale rebalances later)
         self.table = (np.arange(nbuckets, dtype=np.int64) % workers)
         self.nworkers = workers
+        self.hits = np.zeros(nbuckets, np.int64)  # packets per bucket since the last look
+        self.autoscaler = Autoscaler(autoscale) if autoscale is not None else None
+        self._load_seen: dict[int, tuple[int, int]] = {}  # worker -> (busy ns, drops)
+        self._load_at = time.monotonic()
         self.lent = np.full(self.bus.dispatcher_slots, -1, np.int64)
         cap = max(batch_size, 256)
-        self.steer_out = np.zeros((self.max_workers, cap, DESC_WORDS), np.int64)
-        self.steer_n = np.zeros(self.max_workers, np.int64)
+        # row HOLD (= max_workers) of the steering buffers: packets of buckets being
+        # moved, kept in order in ``held`` until the move ends
+        self.HOLD = self.max_workers
+        self.steer_out = np.zeros((self.max_workers + 1, cap, DESC_WORDS), np.int64)
+        self.steer_n = np.zeros(self.max_workers + 1, np.int64)
+        self.held = np.zeros((hold_capacity, DESC_WORDS), np.int64)
+        self.nheld = 0
+        self.mig = dict.fromkeys(MIGRATION_COUNTERS, 0)
+        self._pump_in_wait = False
         self.rxdesc = np.zeros((ring_capacity, DESC_WORDS), np.int64)
         self.ocap = ring_capacity
         self.ometa = np.zeros((max(self.nattach, 1), self.ocap, L.NFIELDS), np.int64)
@@ -262,13 +285,14 @@ class Runtime:
                    hop_limit=self.hop_limit).warm()
         b = PacketBatch(PacketPool(64), 4)
         steer_kernel(b.pool.data, b.meta, 0, 0, self.alias[0], self.nbuckets - 1, self.table,
-                     0, 0, 0, self.steer_out, self.steer_n, self.lent)
+                     0, 0, 0, self.steer_out, self.steer_n, self.lent, self.hits)
         collect_kernel(self.rxdesc, 0, self.pool.free, self.pool.top, self.lent,
                        self.app_base, self.ometa, self.on, self.otime)
         free_descs(np.zeros(0, np.int64), self.rxdesc, 0)
         ring_push(self.bus.rx[0], self.rxdesc, 0, 0)
         ring_pop(self.bus.tx[0], self.rxdesc, 0)
         ring_count(self.bus.tx[0])
+        ring_taken(self.bus.rx[0])
 
     def _open_ports(self) -> None:
         for a, plan in enumerate(self.plans):
@@ -341,8 +365,12 @@ class Runtime:
                     return None
             else:
                 left = end - time.monotonic()
-                while not h.conn.poll(min(max(left, 0), 0.01)):
+                while not h.conn.poll(min(max(left, 0), 0.001 if self._pump_in_wait
+                                          else 0.01)):
                     self._collect_all()  # the worker may wait on a full tx ring
+                    if self._pump_in_wait:  # a move: traffic goes on (its buckets held)
+                        for g in range(len(self.ports)):
+                            self._pump(g)
                     left = end - time.monotonic()
                     if left <= 0:
                         raise TimeoutError(f"worker {w} did not answer")
@@ -383,10 +411,13 @@ class Runtime:
         self.steer_n[:] = 0
         steer_kernel(self.pool.data, b.meta, n, self.tenant_ids[a], self.alias[a],
                      self.nbuckets - 1, self.table, a, att, t_ns, self.steer_out,
-                     self.steer_n, self.lent)
+                     self.steer_n, self.lent, self.hits)
         b.n = 0
         for w in np.flatnonzero(self.steer_n):
             c = int(self.steer_n[w])
+            if w == self.HOLD:
+                self._hold(c)
+                continue
             ring = self.bus.rx[w]
             i = ring_push(ring, self.steer_out[w], 0, c)
             while i < c and wait:
@@ -400,6 +431,19 @@ class Runtime:
                 for s in self.steer_out[w, i:c, D_SLOT]:
                     self.lent[s] = -1
                     self.pool.release(int(s))
+
+    def _hold(self, c: int) -> None:
+        """Keep ``c`` steered packets of buckets being moved (row HOLD), in order; what
+        the bounded buffer cannot take is dropped, counted."""
+        k = min(c, self.held.shape[0] - self.nheld)
+        self.held[self.nheld:self.nheld + k] = self.steer_out[self.HOLD, :k]
+        self.nheld += k
+        self.mig["packets_held"] += k
+        if k < c:
+            self.mig["drop/hold_full"] += c - k
+            for sl in self.steer_out[self.HOLD, k:c, D_SLOT]:
+                self.lent[sl] = -1
+                self.pool.release(int(sl))
 
     def _collect_all(self) -> int:
         got = 0
@@ -486,6 +530,217 @@ class Runtime:
             for k, v in part["counters"].items():
                 d[k] = d.get(k, 0) + v
 
+    # -- bucket moves and scaling ------------------------------------------------------
+    def move(self, buckets, dst: int) -> dict:
+        """Move ``buckets`` (with their flow state) to worker ``dst``, losing and
+        reordering nothing: new packets of those buckets are held here in order; each
+        source processes what it already has of them, exports their flow state (and
+        tables owned through them), ``dst`` imports it; then the held packets go to
+        ``dst`` and the table flips. If the import fails, or a worker dies or does not
+        answer, the move is rolled back (the sources still have the state: they drop
+        it only after the flip) and :class:`MoveFailed` says why."""
+        if dst not in self.active():
+            raise ValueError(f"no worker {dst} (workers 0..{self.nworkers - 1})")
+        b = np.unique(np.asarray(buckets, np.int64))
+        if len(b) and (b[0] < 0 or b[-1] >= self.nbuckets):
+            raise ValueError(f"buckets are 0..{self.nbuckets - 1}")
+        srcs = {int(w): b[self.table[b] == w] for w in np.unique(self.table[b])
+                if w != dst}
+        if not srcs:
+            return {"buckets": 0, "to": dst, "from": [], "ms": 0.0, "held": 0, "flows": 0}
+        moving = np.concatenate(list(srcs.values()))
+        before = self.table.copy()
+        now, _ = self._clock()
+        t0 = time.perf_counter()
+        held0 = self.mig["packets_held"]
+        self.table[moving] = self.HOLD
+        self._pump_in_wait = self.live
+        flows = 0
+        try:
+            upto = {w: int(self.bus.rx[w][TAIL]) for w in srcs}
+            parts = {w: self.call(w, ("move_out", srcs[w], upto[w], now)) for w in srcs}
+            for w in srcs:
+                flows += self.call(dst, ("move_in", srcs[w], parts[w], now))
+        except (RuntimeError, TimeoutError) as e:
+            self.mig["rollbacks"] += 1
+            self._release_held(before)
+            self._pump_in_wait = False
+            self._tell(f"move of {len(moving)} buckets to worker {dst} rolled back: {e}")
+            raise MoveFailed(str(e)) from None
+        final = before.copy()
+        final[moving] = dst
+        self._release_held(final)
+        self._pump_in_wait = False
+        us = (time.perf_counter() - t0) * 1e6
+        for w in srcs:
+            try:
+                self.call(w, ("drop_flows", srcs[w], now))
+            except (RuntimeError, TimeoutError):
+                pass  # it died: its state went with it
+        m = self.mig
+        m["moves"] += 1
+        m["buckets_moved"] += len(moving)
+        m["flows_moved"] += flows
+        m["hold_us_total"] += int(us)
+        m["hold_us_max"] = max(m["hold_us_max"], int(us))
+        return {"buckets": int(len(moving)), "to": dst, "from": sorted(srcs),
+                "ms": round(us / 1e3, 3), "held": m["packets_held"] - held0,
+                "flows": int(flows)}
+
+    def _release_held(self, final: np.ndarray) -> None:
+        """Hand the held packets, in order, to the workers ``final`` gives their
+        buckets; packets that arrive meanwhile join the end of the queue; once it is
+        empty the table becomes ``final`` (before any newer packet is steered)."""
+        while True:
+            i = 0
+            while i < self.nheld:
+                w = int(final[self.held[i, D_BUCKET]])
+                j = i + 1
+                while j < self.nheld and final[self.held[j, D_BUCKET]] == w:
+                    j += 1
+                k = ring_push(self.bus.rx[w], self.held, i, j - i)
+                self.lent[self.held[i:i + k, D_SLOT]] = w
+                i += k
+                if i < j:
+                    break  # that ring is full: later packets wait (order kept)
+            if i:
+                self.held[:self.nheld - i] = self.held[i:self.nheld]
+                self.nheld -= i
+            if self.nheld == 0:
+                self.table[:] = final
+                return
+            self._collect_all()
+            self._check_workers()
+            if self.live:
+                for g in range(len(self.ports)):
+                    self._pump(g)
+            time.sleep(0.0001)
+
+    def scale(self, n: int, reason: str = "asked") -> list[dict]:
+        """Run ``n`` workers: start or stop workers and move as few buckets as an even
+        share needs (adding the n-th worker moves about 1/n of them, to it)."""
+        if not 1 <= n <= self.max_workers:
+            raise ValueError(f"workers must be 1..{self.max_workers} (this instance's bus)")
+        moves = []
+        old = self.nworkers
+        while self.nworkers < n:
+            w = self.nworkers
+            self._start_worker(w)
+            self.nworkers += 1
+            self.wait_ready()
+            self._seed_shared(w)
+            counts = np.bincount(self.table[self.table < self.HOLD],
+                                 minlength=self.nworkers)
+            want = self._shares(self.nworkers)
+            take = []
+            for v in range(w):
+                extra = int(counts[v] - want[v])
+                if extra > 0:
+                    take.append(np.flatnonzero(self.table == v)[-extra:])
+            if take:
+                moves.append(self.move(np.concatenate(take), w))
+        while self.nworkers > n:
+            w = self.nworkers - 1
+            mine = np.flatnonzero(self.table == w)
+            counts = np.bincount(self.table[self.table < w], minlength=w)
+            want = self._shares(w)
+            cursor = 0
+            for v in range(w):
+                k = max(int(want[v] - counts[v]), 0)
+                part = mine[cursor:cursor + k]
+                cursor += k
+                if len(part):
+                    moves.append(self.move(part, v))
+            if cursor < len(mine):
+                moves.append(self.move(mine[cursor:], 0))
+            self._stop_worker(w)
+            self.nworkers -= 1
+        if n != old:
+            self.decisions.append(f"{time.strftime('%H:%M:%S')} scaled {old} -> {n} "
+                                  f"workers ({reason}); moved "
+                                  f"{sum(m['buckets'] for m in moves)} buckets")
+            self._tell(self.decisions[-1].split(" ", 1)[1])
+        return moves
+
+    def loads(self, now: float) -> list[Load]:
+        """Each worker's load since the last call: busy fraction, ring fill, drops."""
+        dt = max(now - self._load_at, 1e-6)
+        out = []
+        for w in self.active():
+            busy = int(self.bus.load[w, LOAD_BUSY_NS])
+            drops = int(self.bus_drops[w].sum())
+            b0, d0 = self._load_seen.get(w, (0, 0))
+            if busy < b0:  # restarted: its words began again at 0
+                b0 = 0
+            out.append(Load(busy=min((busy - b0) / 1e9 / dt, 1.0),
+                            ring=int(ring_count(self.bus.rx[w])) / self.bus.ring_capacity,
+                            drops=drops - d0))
+            self._load_seen[w] = (busy, drops)
+        self._load_at = now
+        return out
+
+    def _watch_load(self, now: float) -> None:
+        """Once a second (live): the autoscaler's decision, or a rebalance."""
+        if self.autoscaler is None:
+            return
+        loads = self.loads(now)
+        try:
+            decision = self.autoscaler.observe(now, loads)
+            if decision is not None:
+                target, why = decision
+                self.scale(target, reason=why)
+            else:
+                busy = [x.busy for x in loads]
+                hot = hot_buckets(self.table, self.hits, busy, self.autoscaler.policy)
+                if hot is not None:
+                    bk, src, dst = hot
+                    self.move(bk, dst)
+                    self.decisions.append(
+                        f"{time.strftime('%H:%M:%S')} rebalanced: {len(bk)} hot buckets "
+                        f"from worker {src} (busy {busy[src]:.0%}) to worker {dst} "
+                        f"(busy {busy[dst]:.0%})")
+                    self._tell(self.decisions[-1].split(" ", 1)[1])
+        except (MoveFailed, ValueError) as e:
+            self.decisions.append(f"{time.strftime('%H:%M:%S')} scaling failed: {e}")
+        self.hits[:] = 0
+        self.loads(time.monotonic())  # the next interval starts after the moves
+
+    def _shares(self, n: int) -> np.ndarray:
+        want = np.full(n, self.nbuckets // n, np.int64)
+        want[:self.nbuckets % n] += 1
+        return want
+
+    def _seed_shared(self, w: int) -> None:
+        """A new worker starts with worker 0's replicated shared tables (MACs, ARP,
+        NAT mappings), before any bucket is moved to it."""
+        if w == 0:
+            return
+        now, _ = self._clock()
+        try:
+            parts = self.call(0, ("export", now))
+            self.call(w, ("merge", parts, now))
+        except (RuntimeError, TimeoutError):
+            pass  # replication brings them within a round
+
+    def _stop_worker(self, w: int) -> None:
+        """Stop worker ``w`` (it owns no bucket any more): drain, keep its counters."""
+        h = self.workers[w]
+        try:
+            snap = self.call(w, ("stop",), timeout=STOP_TIMEOUT)
+            self._retire(snap)
+        except (RuntimeError, TimeoutError, OSError):
+            if h.last is not None:
+                self._retire(h.last)
+        self._drain_tx(w)
+        self._return_slots()
+        if h.proc is not None:
+            h.proc.join(STOP_TIMEOUT)
+            if h.proc.is_alive():
+                h.proc.kill()
+                h.proc.join()
+        h.proc = None
+        h.last = None
+
     # -- persisted state (DHCP leases) ------------------------------------------------
     def _clock(self) -> tuple[float, float]:
         """(now, wall - now) as persisted state is stamped: the monotonic clock live,
@@ -519,14 +774,9 @@ class Runtime:
     def _owner(self, a: int, dev) -> int:
         """The worker that owns ``dev``'s shared tables: every worker for replicated
         tables (-1), else the worker of the bucket its traffic is steered to."""
-        frame = dev.owner_frame() if not dev.replicate_shared else None
-        if frame is None:
-            return -1
-        from dva.packet.steer import flow_buckets
-
-        b = flow_buckets([frame], tenant=self.tenant_ids[a], nbuckets=self.nbuckets,
-                         alias=self.alias[a])
-        return int(self.table[int(b[0])])
+        b = owner_buckets([dev], tenant=self.tenant_ids[a], nbuckets=self.nbuckets,
+                          alias=self.alias[a]).get(dev.name)
+        return -1 if b is None else int(self.table[b])
 
     def _initial(self, w: int):
         """What worker ``w`` starts with of the persisted state: per appliance, device
@@ -637,9 +887,19 @@ class Runtime:
                     self._request(w, ("merge", parts, now))
 
     # -- offline ---------------------------------------------------------------------
-    def run_offline(self) -> dict[str, int]:
-        """Run every input through the workers; returns the aggregated counters."""
-        next_rep = None
+    def run_offline(self, between: Callable[[Runtime, float], None] | None = None
+                    ) -> dict[str, int]:
+        """Run every input through the workers, then stop; returns the aggregated
+        counters."""
+        self.run_inputs(between)
+        return self.stop()
+
+    def run_inputs(self, between: Callable[[Runtime, float], None] | None = None) -> None:
+        """Run every input there is through the workers, until each has sent out what
+        it made of them (the runtime keeps running: memory ports may get more).
+        ``between(runtime, t)`` is called before each batch (capture time ``t`` of its
+        first packet): tests move buckets or scale there, with traffic around."""
+        next_rep = self._next_rep
         while True:
             best, t0 = -1, None
             for i, p in enumerate(self.ports):
@@ -656,11 +916,15 @@ class Runtime:
                 self.sync()
                 while next_rep <= t0:
                     next_rep += REPLICATE
+            if between is not None:
+                between(self, t0)
             self._offline_batch(best, t0)
             self._collect_all()
             self._check_workers()
+        self._next_rep = next_rep
         self.sync()
-        return self.stop()
+
+    _next_rep: float | None = None
 
     def _offline_batch(self, g: int, t0: float) -> None:
         others = [p.peek() for j, p in enumerate(self.ports) if j != g]
@@ -735,6 +999,7 @@ class Runtime:
                 self.apply(self._reload_queue.pop(0))
             if now >= next_second:
                 self._read_kernel_drops()
+                self._watch_load(now)
                 for w in self.active():
                     self._request(w, ("counters",), self._snapshot(w))
                 if every_second is not None:
@@ -988,6 +1253,9 @@ class Runtime:
                 c[f"bus w{w} drop/{name}"] = int(self.bus_drops[w, r])
             c[f"bus w{w} slots_reclaimed"] = int(self.reclaimed[w])
             c[f"worker w{w} restarts"] = self.workers[w].restarts
+        for k in MIGRATION_COUNTERS:
+            c[f"migration {k}"] = self.mig[k]
+        c["runtime workers"] = self.nworkers
         c["config generation"] = self.generation
         c["config reloads_rejected"] = self.reloads_rejected
         return c
@@ -1021,10 +1289,13 @@ class Runtime:
                                     if ld[LOAD_BEAT_NS] else None),
             })
         return {"generation": self.generation, "workers": self.nworkers,
+                "max_workers": self.max_workers, "held": self.nheld,
+                "migration": dict(self.mig),
                 "appliances": [a.qualified_name for a in self.apps],
                 "uptime_s": round(now - self.started, 1), "units": units,
                 "dispatcher": {"pid": os.getpid(), "free_slots": self.pool.available,
                                "owned_slots": self.pool.owned},
+                "autoscale": (vars(self.autoscaler.policy) if self.autoscaler else None),
                 "decisions": self.decisions[-20:]}
 
     # -- stop ------------------------------------------------------------------------

@@ -59,6 +59,12 @@ def ring_count(ring):
 
 
 @kernel
+def ring_taken(ring):
+    """How many descriptors the consumer has taken so far (its head position)."""
+    return load_acquire(ring, HEAD)
+
+
+@kernel
 def ring_push(ring, src, i0, n):
     """Publish rows ``src[i0:i0+n]`` (descriptors, ``WIDTH`` words each) as far as
     they fit; returns how many were published (the first ones)."""

@@ -117,3 +117,16 @@ def flow_buckets(frames, *, tenant: int = 0, nbuckets: int = 4096,
     if alias is not None:
         alias_buckets(b.pool.data, b.meta, 0, b.n, alias, nbuckets - 1)
     return b.meta[:b.n, L.BUCKET].copy()
+
+
+def owner_buckets(devices, *, tenant: int, nbuckets: int, alias: np.ndarray) -> dict:
+    """Device name -> the bucket whose worker owns the device's shared tables, for
+    devices that are not replicated (``Device.replicate_shared`` False,
+    ``Device.owner_frame``)."""
+    out = {}
+    for d in devices:
+        frame = None if d.replicate_shared else d.owner_frame()
+        if frame is not None:
+            out[d.name] = int(flow_buckets([frame], tenant=tenant, nbuckets=nbuckets,
+                                           alias=alias)[0])
+    return out

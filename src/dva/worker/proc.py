@@ -52,7 +52,9 @@ from dva.packet.ring import (
     ring_count,
     ring_pop,
     ring_push,
+    ring_taken,
 )
+from dva.packet.steer import owner_buckets
 from dva.worker.bus import LOAD_BATCHES, LOAD_BEAT_NS, LOAD_BUSY_NS, LOAD_GEN, LOAD_PACKETS
 from dva.worker.engine import Engine
 from dva.worker.reload import HOLD_DRAIN, held_packets, prepare, swap
@@ -131,6 +133,9 @@ class AppSlot:
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
+        self.owner_buckets = owner_buckets(engine.plan.devices, tenant=engine.tenant_id,
+                                           nbuckets=engine.bucket_mask + 1,
+                                           alias=engine.alias)
         refs = [a.ref for a in engine.plan.attachments]
         self.to_engine = [refs.index(r) for r in self.first_refs]
         self.to_disp = [self.first_refs.index(r) for r in refs]
@@ -283,6 +288,21 @@ class Worker:
             _, parts, t = msg
             self.merge(parts, t)
             self.conn.send(("ok", None))
+        elif op == "move_out":
+            _, buckets, upto, t = msg
+            self.conn.send(("ok", self.move_out(buckets, upto, t)))
+        elif op == "move_in":
+            _, buckets, parts, t = msg
+            try:
+                n = self.move_in(buckets, parts, t)
+            except Exception as e:  # refused (a table too small): nothing of it stays
+                self.drop_flows(buckets, t, owned=False)
+                self.conn.send(("error", f"{type(e).__name__}: {e}"))
+            else:
+                self.conn.send(("ok", n))
+        elif op == "drop_flows":
+            _, buckets, t = msg
+            self.conn.send(("ok", self.drop_flows(buckets, t)))
         elif op == "sync":
             self.drain()
             self.conn.send(("ok", None))
@@ -309,6 +329,55 @@ class Worker:
         else:
             self.conn.send(("error", f"unknown request {op!r}"))
         return True
+
+    # -- bucket moves (dva.dispatch.runtime.Runtime.move) -----------------------------
+    def _owned_here(self, s, d, buckets) -> bool:
+        """Device ``d`` of appliance slot ``s`` owns its shared tables through a
+        bucket among ``buckets`` (they move with it)."""
+        return bool(s.owner_buckets.get(d.name, -1) in buckets)
+
+    def move_out(self, buckets: np.ndarray, upto: int, t: float) -> list:
+        """Process the rx ring up to position ``upto`` (every packet of ``buckets``
+        the dispatcher sent before holding them), then export those buckets' flow
+        state (and tables owned through them): per appliance, per device, ``(flows,
+        owned shared or None)``. The state stays here until ``drop_flows``."""
+        while ring_taken(self.rx) < upto:
+            if self.step() == 0:
+                time.sleep(0)
+        self._returns()
+        self._flush()
+        bset = set(int(b) for b in buckets)
+        out = []
+        for s in self.apps:
+            e = s.engine
+            out.append([(st.export_flows(buckets, t),
+                         st.export_shared(t) if self._owned_here(s, d, bset) else None)
+                        for d, st in zip(e.plan.devices, e.states)])
+        return out
+
+    def move_in(self, buckets: np.ndarray, parts: list, t: float) -> int:
+        """Import what ``move_out`` gave (another worker's); returns the entries."""
+        n = 0
+        for s, per_dev in zip(self.apps, parts):
+            for st, (flows, shared) in zip(s.engine.states, per_dev):
+                n += st.import_flows(flows, t)
+                if shared is not None:
+                    st.merge_shared(shared, t)
+        return n
+
+    def drop_flows(self, buckets: np.ndarray, t: float, owned: bool = True) -> int:
+        """Forget the flow state of ``buckets`` (they moved away), and the tables owned
+        through them."""
+        bset = set(int(b) for b in buckets)
+        n = 0
+        for s in self.apps:
+            e = s.engine
+            for d, st in zip(e.plan.devices, e.states):
+                n += st.remove_flows(buckets, t)
+                if owned and self._owned_here(s, d, bset):
+                    for tb in st.shared_tables.values():
+                        tb.remove_buckets(None, t)
+        return n
 
     def swapping(self) -> bool:
         """A new generation waits for its swap (its apply is not answered yet)."""
