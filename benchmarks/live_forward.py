@@ -1,12 +1,15 @@
 """Frames forwarded per second between two veths: dva's router vs the Linux kernel.
 
-    python benchmarks/live_forward.py [--runs 3] [--frames 300000] [--out FILE]
+    python benchmarks/live_forward.py [--runs 3] [--frames 300000] [--workers 0,1]
+                                      [--out FILE]
 
 Lab: host h1 (10.1.0.2/24) and host h2 (10.2.0.2/24), each a network namespace whose
 veth peer is the router's port. Two routers take turns on the same layout:
 
-* ``dva``: ``dva run`` with a router device, af_packet on both veth ends (one
-  process, graph inline; it gets one of the 2 cores, the sender the other);
+* ``dva wN``: ``dva run --workers N`` with a router device, af_packet on both veth
+  ends; ``w0``: one process, graph inline (it gets one of the 2 cores, the sender
+  the other); ``w1``: a dispatcher and one worker process over the shared-memory
+  bus (``dva run``'s default on 2 cores), sharing the cores with the sender;
 * ``kernel``: the same veth ends moved into a namespace with the addresses and
   ``net.ipv4.ip_forward=1`` (Linux's own forwarding, in softirq).
 
@@ -90,13 +93,13 @@ def blast(lab: Lab, h1, h2, dst_mac: str, frames: int) -> tuple[float, int, floa
     return dt, rx_packets(lab, h2) - before, frames / dt
 
 
-def run_dva(frames: int) -> dict:
+def run_dva(frames: int, workers: int) -> dict:
     with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
         h1 = lab.host("h1", "10.1.0.2/24", "10.1.0.1")
         h2 = lab.host("h2", "10.2.0.2/24", "10.2.0.1")
         app = Path(tmp) / "fwd.yaml"
         app.write_text(ROUTER.format(a=h1.outside, b=h2.outside))
-        proc, _ = start_appliance(app, Path(tmp))
+        proc, _ = start_appliance(app, Path(tmp), ["--workers", str(workers)])
         try:
             gateway_mac(lab, h2, "10.2.0.1")  # the router learns h2
             mac = gateway_mac(lab, h1, "10.1.0.1")
@@ -142,17 +145,21 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300_000)
     ap.add_argument("--rate", type=int, default=None,
                     help="frames/s offered (trafgen -b); default: as fast as it can")
+    ap.add_argument("--workers", default="0,1",
+                    help="dva configurations to run, comma-separated worker counts")
     ap.add_argument("--out", default=str(HERE / "results" / "live_forward.json"))
     a = ap.parse_args()
+    counts = [int(x) for x in a.workers.split(",")]
     global RATE
     RATE = a.rate
     why = Lab.check_environment() or (None if shutil.which("trafgen") else
                                       "needs trafgen (apt-get install netsniff-ng)")
     if why:
         sys.exit(f"live_forward: {why}")
-    res = {"dva": [], "kernel": []}
+    res = {**{f"dva w{n}": [] for n in counts}, "kernel": []}
     for _ in range(a.runs):
-        res["dva"].append(run_dva(a.frames))
+        for n in counts:
+            res[f"dva w{n}"].append(run_dva(a.frames, n))
         res["kernel"].append(run_kernel(a.frames))
     med = {k: statistics.median(r["forwarded_fps"] for r in v) for k, v in res.items()}
     print(f"{'router':8} {'forwarded fps (median)':>24} {'runs':>40}")
@@ -163,7 +170,8 @@ def main() -> None:
         for r in v:
             if r.get("drops"):
                 print(f"{'':8} drops: {r['drops']}")
-    print(f"dva / kernel: {med['dva'] / med['kernel']:.2f}")
+    for n in counts:
+        print(f"dva w{n} / kernel: {med[f'dva w{n}'] / med['kernel']:.2f}")
     meta = {"command": "python benchmarks/live_forward.py " + " ".join(sys.argv[1:]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus",

@@ -363,3 +363,46 @@ def test_scaling_1_2_1_under_iperf3_and_a_download_keeps_every_connection(tmp_pa
     assert c["migration moves"] >= 2 and c["migration buckets_moved"] == 4096
     assert c["migration drop/hold_full"] == 0
     assert {k: v for k, v in c.items() if k.startswith("bus ") and "drop/" in k and v} == {}
+
+
+def test_the_autoscaler_follows_offered_load_without_flapping(hosts):
+    """Traffic starts: the manager adds a worker (the busy fraction over the policy's
+    threshold for `sustain` seconds); traffic stops: it goes back to one. Exactly
+    two decisions, each with its reason in `dva status`, and nothing lost."""
+    lab, inside, outside, work, apps = hosts
+    path = work / "hot.yaml"
+    path.write_text(appliance_text(inside.outside, outside.outside, BASE_RULES, False))
+    sock = str(work / "hot.sock")
+    app = Appliance(path, work, ("--autoscale", "1:2", "--scale-policy",
+                                 "out=0.01,in=0.002,sustain=2,hold=2", "--control", sock))
+    apps.append(app)
+
+    def workers_after(n: int, timeout: float) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            st = request(sock, {"op": "status"})["status"]
+            if st["workers"] == n:
+                return st
+            time.sleep(0.2)
+        raise AssertionError(f"still {st['workers']} workers: {st['decisions']}, "
+                             f"{[u['busy_last_s'] for u in st['units']]}")
+
+    time.sleep(3)
+    assert request(sock, {"op": "status"})["status"]["workers"] == 1  # idle: stays
+    traffic = Traffic(lab, inside, outside, work, rate=3000, echo=False)
+    up = workers_after(2, 30)
+    time.sleep(3)  # loaded on two workers: no scale-in while it lasts
+    assert request(sock, {"op": "status"})["status"]["workers"] == 2
+    sent, got, _ = traffic.finish()
+    down = workers_after(1, 30)
+    code, c, err = app.stop()
+    assert code == 0, err
+    lost = {p: sent[p] - got.get(p, (0, 0))[0] for p in sent}
+    assert all(v == 0 for v in lost.values()), lost
+    assert all(r == 0 for _, r in got.values())
+    scaled = [d for d in down["decisions"] if "scaled" in d]
+    assert len(scaled) == 2, down["decisions"]
+    assert "scaled 1 -> 2" in scaled[0] and "mean busy" in scaled[0] and ">" in scaled[0]
+    assert "scaled 2 -> 1" in scaled[1] and "mean busy" in scaled[1] and "<" in scaled[1]
+    assert up["autoscale"]["max_workers"] == 2
+    assert c["migration moves"] >= 2 and c["migration drop/hold_full"] == 0

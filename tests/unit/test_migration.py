@@ -9,6 +9,7 @@ and no NAT mapping may change.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
 
@@ -20,6 +21,7 @@ from dva.graph.appliance import parse_appliance
 from dva.packet.build import TCP, UDP, Eth, IPv4, Raw
 from dva.packet.steer import flow_buckets, plan_aliases
 from dva.ports.offline import MemoryPort
+from dva.worker import stage
 
 APPLIANCE = """\
 appliance: edge
@@ -203,6 +205,8 @@ def test_moving_every_bucket_of_a_worker_under_traffic_loses_and_recreates_nothi
     assert c["migration flows_moved"] >= 2 * on0
     assert c["migration packets_held"] == 0  # offline: nothing arrives during a move
     assert rt.final_errors == []
+    # the flow state went through a staged file in /dev/shm, removed after the move
+    assert list(stage.stage_dir().glob(f"{stage.PREFIX}{os.getpid()}-*")) == []
 
 
 def test_scaling_out_and_in_moves_a_fair_share_and_keeps_every_flow():
@@ -249,7 +253,8 @@ def test_a_failed_import_rolls_the_move_back_and_nothing_is_lost():
 
                 def bad_call(w, msg, timeout=30.0):  # the flow state arrives damaged
                     if msg[0] == "move_in":
-                        msg = (msg[0], msg[1], [[(b"not npz", None)] * 2], msg[3])
+                        head, sizes = msg[2]
+                        msg = (*msg[:2], (head, [n + 8 for n in sizes]), *msg[3:])
                     return orig(w, msg, timeout)
                 rt.call = bad_call
                 try:
@@ -265,4 +270,5 @@ def test_a_failed_import_rolls_the_move_back_and_nothing_is_lost():
         rt.close()
     check_delivery(fl, mem, rounds)
     assert c["migration rollbacks"] == 1 and c["migration moves"] == 0
+    assert list(stage.stage_dir().glob(f"{stage.PREFIX}{os.getpid()}-*")) == []
     assert c["fw flows_created"] == n

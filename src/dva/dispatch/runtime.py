@@ -78,6 +78,7 @@ from dva.packet.ring import (
 )
 from dva.packet.steer import alias_buckets, owner_buckets, plan_aliases
 from dva.ports.offline import MemoryPort, PcapPort, PortError
+from dva.worker import stage
 from dva.worker.bus import (
     LOAD_BATCHES,
     LOAD_BEAT_NS,
@@ -265,6 +266,7 @@ class Runtime:
         self.workers = [WorkerHandle(w) for w in range(self.max_workers)]
         self.started = time.monotonic()
         self._warm()
+        stage.clean_stale()
         self.persist: list = [None] * len(apps)
         self.shadow: list = [None] * len(apps)
         try:
@@ -554,19 +556,32 @@ class Runtime:
         t0 = time.perf_counter()
         held0 = self.mig["packets_held"]
         self.table[moving] = self.HOLD
+        try:
+            return self._move(srcs, moving, dst, before, now, t0, held0)
+        finally:
+            self._pump_in_wait = False
+
+    def _move(self, srcs, moving, dst, before, now, t0, held0) -> dict:
         self._pump_in_wait = self.live
         flows = 0
+        self._moves_made += 1
+        path = str(stage.stage_dir() / f"{stage.PREFIX}{os.getpid()}-{self._moves_made}")
         try:
             upto = {w: int(self.bus.rx[w][TAIL]) for w in srcs}
-            parts = {w: self.call(w, ("move_out", srcs[w], upto[w], now)) for w in srcs}
+            parts = {w: self.call(w, ("move_out", srcs[w], upto[w], now, f"{path}-{w}"))
+                     for w in srcs}
+            t_out = time.perf_counter()
             for w in srcs:
-                flows += self.call(dst, ("move_in", srcs[w], parts[w], now))
+                flows += self.call(dst, ("move_in", srcs[w], parts[w], now, f"{path}-{w}"))
+            t_in = time.perf_counter()
         except (RuntimeError, TimeoutError) as e:
+            self._unstage(path, srcs)
             self.mig["rollbacks"] += 1
             self._release_held(before)
             self._pump_in_wait = False
             self._tell(f"move of {len(moving)} buckets to worker {dst} rolled back: {e}")
             raise MoveFailed(str(e)) from None
+        self._unstage(path, srcs)
         final = before.copy()
         final[moving] = dst
         self._release_held(final)
@@ -585,7 +600,21 @@ class Runtime:
         m["hold_us_max"] = max(m["hold_us_max"], int(us))
         return {"buckets": int(len(moving)), "to": dst, "from": sorted(srcs),
                 "ms": round(us / 1e3, 3), "held": m["packets_held"] - held0,
-                "flows": int(flows)}
+                "flows": int(flows),
+                # where the hold time went: sources drain and export, the destination
+                # imports, the held packets go out
+                "out_ms": round((t_out - t0) * 1e3, 3), "in_ms": round((t_in - t_out) * 1e3, 3),
+                "release_ms": round(us / 1e3 - (t_in - t0) * 1e3, 3)}
+
+    _moves_made = 0
+
+    @staticmethod
+    def _unstage(path: str, srcs) -> None:
+        for w in srcs:
+            try:
+                os.unlink(f"{path}-{w}")
+            except OSError:
+                pass
 
     def _release_held(self, final: np.ndarray) -> None:
         """Hand the held packets, in order, to the workers ``final`` gives their
@@ -684,6 +713,7 @@ class Runtime:
         if self.autoscaler is None:
             return
         loads = self.loads(now)
+        self.last_loads = loads
         try:
             decision = self.autoscaler.observe(now, loads)
             if decision is not None:
@@ -704,6 +734,8 @@ class Runtime:
             self.decisions.append(f"{time.strftime('%H:%M:%S')} scaling failed: {e}")
         self.hits[:] = 0
         self.loads(time.monotonic())  # the next interval starts after the moves
+
+    last_loads: list[Load] = []  # the autoscaler's last look, per worker
 
     def _shares(self, n: int) -> np.ndarray:
         want = np.full(n, self.nbuckets // n, np.int64)
@@ -1284,6 +1316,8 @@ class Runtime:
                                        / max(now - h.started, 1e-9), 4),
                 "batches": int(ld[LOAD_BATCHES]), "packets": int(ld[LOAD_PACKETS]),
                 "generation": int(ld[LOAD_GEN]),
+                "busy_last_s": (round(self.last_loads[w].busy, 4)
+                                if w < len(self.last_loads) else None),
                 "ring": int(ring_count(self.bus.rx[w])),
                 "heartbeat_age_s": (round(now - int(ld[LOAD_BEAT_NS]) / 1e9, 3)
                                     if ld[LOAD_BEAT_NS] else None),

@@ -131,6 +131,17 @@ class DeviceState:
     def import_flows(self, data: bytes, now: float) -> int:
         return _unpack_into(self.flow_tables, data, now)
 
+    def take_flows(self, buckets, now: float) -> dict:
+        """The flow state of ``buckets`` as arrays per table (bucket moves between
+        workers: what :meth:`export_flows` holds, without the byte format)."""
+        return {name: t.take_entries(buckets, now) for name, t in self.flow_tables.items()}
+
+    def put_flows(self, parts: dict, now: float) -> int:
+        unknown = set(parts) - set(self.flow_tables)
+        if unknown:
+            raise ValueError(f"state for unknown tables: {sorted(unknown)}")
+        return sum(self.flow_tables[name].put_entries(e, now) for name, e in parts.items())
+
     def remove_flows(self, buckets, now: float) -> int:
         return sum(t.remove_buckets(buckets, now) for t in self.flow_tables.values())
 

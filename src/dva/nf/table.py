@@ -179,6 +179,40 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
     return failed
 
 
+@kernel
+def _take(records, state, bucket, expires, want, now, out):
+    """Copy the records of live entries whose bucket is wanted into ``out``."""
+    k = 0
+    for s in range(state.shape[0]):
+        if state[s] != USED or expires[s] < now:
+            continue
+        b = bucket[s]
+        if b < 0 or b >= want.shape[0] or not want[b]:
+            continue
+        if k >= out.shape[0]:
+            break
+        for w in range(records.shape[1]):
+            out[k, w] = records[s, w]
+        k += 1
+    return k
+
+
+@kernel
+def _remove(state, bucket, expires, info, want, now):
+    """Delete the live entries whose bucket is wanted; returns how many."""
+    n = 0
+    for s in range(state.shape[0]):
+        if state[s] != USED or expires[s] < now:
+            continue
+        b = bucket[s]
+        if b >= 0 and b < want.shape[0] and want[b]:
+            state[s] = TOMB
+            n += 1
+    info[I_LIVE] -= n
+    info[I_TOMBS] += n
+    return n
+
+
 @inline_kernel
 def sorted_find(arr, x):
     """Index of ``x`` in the sorted array ``arr``, or -1 (binary search: small sets of
@@ -325,6 +359,39 @@ class HashTable:
                  bucket=self.bucket[s], expires=self.expires[s])
         return buf.getvalue()
 
+    def _want(self, buckets) -> np.ndarray:
+        b = np.asarray(buckets, np.int64)
+        want = np.zeros(int(b.max(initial=0)) + 1, np.bool_)
+        want[b] = True
+        return want
+
+    def take_entries(self, buckets, now: float) -> dict[str, np.ndarray]:
+        """Live entries of the given buckets as whole records (a bucket move between
+        processes: one pass over the slots, one copy, no byte format)."""
+        out = np.empty((max(len(self), 0), self.records.shape[1]), np.int64)
+        k = _take(self.records, self.state, self.bucket, self.expires, self._want(buckets),
+                  now, out)
+        return {"records": out[:k].copy() if 2 * k < len(out) else out[:k],
+                "words": np.array([self.key_words, self.value_words])}
+
+    def put_entries(self, e: dict[str, np.ndarray], now: float) -> int:
+        """Insert what :meth:`take_entries` gave (overwriting equal keys)."""
+        r = e["records"]
+        kw, vw = (int(x) for x in e["words"])
+        if (kw, vw) != (self.key_words, self.value_words) or r.ndim != 2 \
+                or r.shape[1] < 3 + kw + vw:
+            raise ValueError(f"entries of {kw}+{vw} words do not fit a table of "
+                             f"{self.key_words}+{self.value_words}")
+        failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
+                         self.info, np.ascontiguousarray(r[:, 3:3 + kw]),
+                         np.ascontiguousarray(r[:, 3 + kw:3 + kw + vw]),
+                         np.ascontiguousarray(r[:, 1]),
+                         np.ascontiguousarray(r[:, 2]).view(np.float64), now, False)
+        if failed:
+            raise TableFull(f"{failed} of {len(r)} moved entries did not fit "
+                            f"(limit {self.max_entries})")
+        return len(r)
+
     def import_entries(self, data: bytes, now: float) -> int:
         """Insert exported entries (overwriting equal keys); returns how many."""
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
@@ -356,9 +423,13 @@ class HashTable:
         return len(keys)
 
     def remove_buckets(self, buckets, now: float) -> int:
-        """Delete the entries of the given buckets (after they moved elsewhere)."""
-        s = self.select(buckets, now)
-        self.state[s] = TOMB
-        self.info[I_LIVE] -= len(s)
-        self.info[I_TOMBS] += len(s)
-        return len(s)
+        """Delete the entries of the given buckets (after they moved elsewhere); all
+        of them with ``buckets`` None."""
+        if buckets is None:
+            s = self.select(None, now)
+            self.state[s] = TOMB
+            self.info[I_LIVE] -= len(s)
+            self.info[I_TOMBS] += len(s)
+            return len(s)
+        return _remove(self.state, self.bucket, self.expires, self.info,
+                       self._want(buckets), now)

@@ -55,6 +55,7 @@ from dva.packet.ring import (
     ring_taken,
 )
 from dva.packet.steer import owner_buckets
+from dva.worker import stage
 from dva.worker.bus import LOAD_BATCHES, LOAD_BEAT_NS, LOAD_BUSY_NS, LOAD_GEN, LOAD_PACKETS
 from dva.worker.engine import Engine
 from dva.worker.reload import HOLD_DRAIN, held_packets, prepare, swap
@@ -289,12 +290,12 @@ class Worker:
             self.merge(parts, t)
             self.conn.send(("ok", None))
         elif op == "move_out":
-            _, buckets, upto, t = msg
-            self.conn.send(("ok", self.move_out(buckets, upto, t)))
+            _, buckets, upto, t, path = msg
+            self.conn.send(("ok", stage.write(self.move_out(buckets, upto, t), path)))
         elif op == "move_in":
-            _, buckets, parts, t = msg
+            _, buckets, staged, t, path = msg
             try:
-                n = self.move_in(buckets, parts, t)
+                n = self.move_in(buckets, stage.read(*staged, path), t)
             except Exception as e:  # refused (a table too small): nothing of it stays
                 self.drop_flows(buckets, t, owned=False)
                 self.conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -350,7 +351,7 @@ class Worker:
         out = []
         for s in self.apps:
             e = s.engine
-            out.append([(st.export_flows(buckets, t),
+            out.append([(st.take_flows(buckets, t),
                          st.export_shared(t) if self._owned_here(s, d, bset) else None)
                         for d, st in zip(e.plan.devices, e.states)])
         return out
@@ -360,7 +361,7 @@ class Worker:
         n = 0
         for s, per_dev in zip(self.apps, parts):
             for st, (flows, shared) in zip(s.engine.states, per_dev):
-                n += st.import_flows(flows, t)
+                n += st.put_flows(flows, t)
                 if shared is not None:
                     st.merge_shared(shared, t)
         return n
