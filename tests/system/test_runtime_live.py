@@ -204,6 +204,7 @@ def test_a_hundred_hot_changes_lose_nothing_and_keep_connections(hosts):
     lab, inside, outside, work, _ = hosts
     text = lambda i, pol: appliance_text(inside.outside, outside.outside,  # noqa: E731
                                          generation_rules(i), pol)
+    shm = set(os.listdir("/dev/shm"))
     app, path, sock = start(hosts, text(0, False))
     traffic = Traffic(lab, inside, outside, work, rate=1500)
     t0 = time.monotonic()
@@ -232,6 +233,7 @@ def test_a_hundred_hot_changes_lose_nothing_and_keep_connections(hosts):
     sent, got, echo = traffic.finish()
     code, c, err = app.stop()
     assert code == 0, err
+    assert set(os.listdir("/dev/shm")) - shm == set()  # the bus is no named segment
     assert policer_seen == 50
     assert st["generation"] == 101
     assert [u["generation"] for u in st["units"]] == [101, 101]
@@ -317,6 +319,7 @@ def test_scaling_1_2_1_under_iperf3_and_a_download_keeps_every_connection(tmp_pa
         path = tmp_path / "demo.yaml"
         path.write_text(DEMO.format(h1=h1.outside, h2=h2.outside, inet=inet.outside))
         sock = str(tmp_path / "demo.sock")
+        shm = set(os.listdir("/dev/shm"))
         app = Appliance(path, tmp_path, ("--workers", "1", "--control", sock))
         try:
             lab.exec(h1, ["ping", "-c", "2", "-i", "0.2", "-W", "2", inet.addr])
@@ -343,6 +346,7 @@ def test_scaling_1_2_1_under_iperf3_and_a_download_keeps_every_connection(tmp_pa
         finally:
             code, c, err = app.stop()
     assert code == 0, err
+    assert set(os.listdir("/dev/shm")) - shm == set()  # no staged move left behind
     assert scaled[0].startswith("2 workers; 2048 buckets moved"), scaled
     assert scaled[1].startswith("1 workers; 2048 buckets moved"), scaled
     assert any("scaled 1 -> 2" in d for d in st["decisions"])
