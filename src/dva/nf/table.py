@@ -191,7 +191,7 @@ def _take(records, state, bucket, expires, want, now, out):
             continue
         if k >= out.shape[0]:
             break
-        for w in range(records.shape[1]):
+        for w in range(out.shape[1]):
             out[k, w] = records[s, w]
         k += 1
     return k
@@ -366,9 +366,11 @@ class HashTable:
         return want
 
     def take_entries(self, buckets, now: float) -> dict[str, np.ndarray]:
-        """Live entries of the given buckets as whole records (a bucket move between
-        processes: one pass over the slots, one copy, no byte format)."""
-        out = np.empty((max(len(self), 0), self.records.shape[1]), np.int64)
+        """Live entries of the given buckets as records (their used words: state,
+        bucket, expiry, key, value; for a bucket move between processes: one pass
+        over the slots, one copy, no byte format)."""
+        # only the used words of a record (state, bucket, expiry, key, value)
+        out = np.empty((max(len(self), 0), 3 + self.key_words + self.value_words), np.int64)
         k = _take(self.records, self.state, self.bucket, self.expires, self._want(buckets),
                   now, out)
         return {"records": out[:k].copy() if 2 * k < len(out) else out[:k],
