@@ -26,6 +26,12 @@ tables, ARP caches, NAT mappings and leases converge); ``apply`` a new generatio
 aggregated over the workers under the names of an inline run, plus ``bus ...`` and
 ``worker ...`` ones.
 
+Elastic: :meth:`Runtime.move` moves buckets with their flow state between workers
+without loss or reordering (their new packets held here meanwhile, see
+``docs/design.md``), :meth:`Runtime.scale` starts or stops workers and moves as few
+buckets as even shares need, and with an autoscale policy the manager decides the
+worker count itself once a second (:mod:`dva.dispatch.autoscale`).
+
 Offline (pcap/memory ports) the run is deterministic enough to compare with an
 inline run: inputs are read in capture-time order as :class:`OfflineRunner` does,
 ring pushes wait instead of dropping, and replication happens at every

@@ -16,8 +16,12 @@ reaches the dispatcher's rx-ring push, which counts it. Live (``ticks``), every
 
 Control (a pipe; the out-of-band bus), between batches: ``counters``, ``export``
 (shared tables to replicate), ``export_persisted`` (those of devices that persist
-their state, for the manager to save), ``merge`` (another replica's), ``apply`` (a new config generation:
-built, then swapped in once nothing is held or after ``HOLD_DRAIN``), ``sync``
+their state, for the manager to save), ``merge`` (another replica's), ``apply`` (a
+new config generation: built, then swapped in once nothing is held or after
+``HOLD_DRAIN``, and only then answered, with the swap's summary; no other request is
+read meanwhile, so answers stay in request order), ``move_out`` / ``move_in`` /
+``drop_flows`` (a bucket move: process the ring up to the dispatcher's hold point and
+stage the buckets' flow state in a file, import one, forget moved buckets), ``sync``
 (answer once the rx ring is empty and every output is on the tx ring), ``stop``
 (drain, answer the final counters, exit). Load words on the bus (busy ns, batches,
 packets, heartbeat) are written every loop.
