@@ -85,6 +85,7 @@ from dva.nf.table import (
 )
 from dva.packet import layout as L
 from dva.packet.checksum import rd16, rd32
+from dva.packet.parse import l4_ports
 
 M32 = 0xFFFFFFFF
 KEY_WORDS = 3
@@ -492,12 +493,9 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
     zone = row[L.TENANT]
     src = rd32(pkt, l3 + 12)
     dst = rd32(pkt, l3 + 16)
-    sport = 0
-    dport = 0
-    if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
-        sport = rd16(pkt, l4)
-        dport = rd16(pkt, l4 + 2)
-        if proto == L.PROTO_TCP and TCP_VALID[i64(pkt[l4 + 13]) & 0x37] == 0:
+    sport, dport = l4_ports(pkt, l4, proto)
+    if proto == L.PROTO_TCP:
+        if TCP_VALID[i64(pkt[l4 + 13]) & 0x37] == 0:
             events[ev0 + E_INVALID] += 1
             return INVALID, -1, 0
     elif proto == L.PROTO_ICMP:

@@ -110,6 +110,7 @@ from dva.packet.checksum import (
     wr32,
     wr48,
 )
+from dva.packet.parse import l4_ports
 
 DROPS = (
     "malformed",  # a parse error
@@ -445,14 +446,8 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
         l3 = row[L.L3_OFF]
         l4 = row[L.L4_OFF]
         proto = row[L.PROTO]
-        sport = 0
-        dport = 0
-        itype = -1
-        if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
-            sport = rd16(pkt, l4)
-            dport = rd16(pkt, l4 + 2)
-        elif proto == L.PROTO_ICMP:
-            itype = i64(pkt[l4])
+        sport, dport = l4_ports(pkt, l4, proto)
+        itype = i64(pkt[l4]) if proto == L.PROTO_ICMP else -1
         j = _match(rules, inp, proto, rd32(pkt, l3 + 12), rd32(pkt, l3 + 16), sport, dport,
                    itype)
         if j >= 0:

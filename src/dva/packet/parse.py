@@ -70,6 +70,15 @@ def mulhi32(x, k):
 
 
 @inline_kernel
+def l4_ports(pkt, l4, proto):
+    """(source, destination) port of the TCP or UDP header at ``l4``; (0, 0) for any
+    other protocol (the flow hash's convention)."""
+    if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
+        return rd16(pkt, l4), rd16(pkt, l4 + 2)
+    return 0, 0
+
+
+@inline_kernel
 def addr_hash(a0, a1, a2, a3):
     """Hash of one address given as four 32-bit words (IPv4: ``a1 = a2 = a3 = 0``).
 

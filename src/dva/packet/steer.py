@@ -29,8 +29,8 @@ import numpy as np
 
 from dva._jit import i64, kernel
 from dva.packet import layout as L
-from dva.packet.checksum import rd16, rd32
-from dva.packet.parse import M32, addr_hash, endpoint_term
+from dva.packet.checksum import rd32
+from dva.packet.parse import M32, addr_hash, endpoint_term, l4_ports
 
 ALIAS_WORDS = 6
 A_PROTO, A_ADDR, A_LO, A_HI, A_TO_ADDR, A_TO_PORT = range(ALIAS_WORDS)
@@ -91,11 +91,7 @@ def alias_buckets(data, meta, start_row, end_row, alias, bucket_mask):
         proto = i64(row[L.PROTO])
         src = rd32(pkt, l3 + 12)
         dst = rd32(pkt, l3 + 16)
-        sport = 0
-        dport = 0
-        if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
-            sport = rd16(pkt, l4)
-            dport = rd16(pkt, l4 + 2)
+        sport, dport = l4_ports(pkt, l4, proto)
         d = _term_delta(alias, proto, src, sport) + _term_delta(alias, proto, dst, dport)
         if d != 0:
             row[L.BUCKET] = (row[L.BUCKET] + d) & bucket_mask
