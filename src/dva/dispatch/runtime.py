@@ -222,7 +222,10 @@ class Runtime:
                 tenants.append(a.tenant)
         self.tenant_ids = [tenants.index(a.tenant) for a in apps]
         self.plans = [compile_plan(a) for a in apps]
-        self.alias = [plan_aliases(p) for p in self.plans]
+        self.alias: list[np.ndarray] = [None] * len(apps)
+        self.owner_bucket: list[dict[str, int]] = [{}] * len(apps)
+        for a in range(len(apps)):
+            self._plan_changed(a)
         self.app_base = np.zeros(len(apps) + 1, np.int64)
         for i, p in enumerate(self.plans):
             self.app_base[i + 1] = self.app_base[i] + len(p.attachments)
@@ -812,9 +815,15 @@ class Runtime:
     def _owner(self, a: int, dev) -> int:
         """The worker that owns ``dev``'s shared tables: every worker for replicated
         tables (-1), else the worker of the bucket its traffic is steered to."""
-        b = owner_buckets([dev], tenant=self.tenant_ids[a], nbuckets=self.nbuckets,
-                          alias=self.alias[a]).get(dev.name)
+        b = self.owner_bucket[a].get(dev.name)
         return -1 if b is None else int(self.table[b])
+
+    def _plan_changed(self, a: int) -> None:
+        """What the dispatcher derives from appliance ``a``'s plan: its bucket aliases
+        and the buckets that own tables (at start and after an apply)."""
+        self.alias[a] = plan_aliases(self.plans[a])
+        self.owner_bucket[a] = owner_buckets(self.plans[a].devices, tenant=self.tenant_ids[a],
+                                             nbuckets=self.nbuckets, alias=self.alias[a])
 
     def _initial(self, w: int):
         """What worker ``w`` starts with of the persisted state: per appliance, device
@@ -839,26 +848,32 @@ class Runtime:
         if not any(p is not None for p in self.persist):
             return
         now, _ = self._clock()
-        ws = self.active()
-        got: dict[int, list] = {}
         if wait:
-            for w in ws:
+            got: dict[int, list] = {}
+            for w in self.active():
                 try:
                     got[w] = self.call(w, ("export_persisted", now), timeout=STOP_TIMEOUT)
                 except (RuntimeError, TimeoutError):
                     pass
             self._store(got, force)
-            return
+        else:
+            self._ask_all(("export_persisted", now), lambda got: self._store(got, force))
 
-        def gather(w):
+    def _ask_all(self, msg, then: Callable[[dict[int, object]], None]) -> None:
+        """Send ``msg`` to every worker; once each has answered it, ``then(answers)``
+        (worker -> value; a round in which a worker fails or dies is dropped)."""
+        ws = self.active()
+        got: dict[int, object] = {}
+
+        def answer(w):
             def h(reply):
                 if reply[0] == "ok":
                     got[w] = reply[1]
                     if len(got) == len(ws):
-                        self._store(got, force)
+                        then(got)
             return h
         for w in ws:
-            self._request(w, ("export_persisted", now), gather(w))
+            self._request(w, msg, answer(w))
 
     def _store(self, got: dict[int, list], force: bool) -> None:
         now, offset = self._clock()
@@ -903,17 +918,7 @@ class Runtime:
         ws = self.active()
         if len(ws) < 2:
             return
-        got: dict[int, list] = {}
-
-        def gather(w):
-            def h(reply):
-                if reply[0] == "ok":
-                    got[w] = reply[1]
-                    if len(got) == len(ws):
-                        self._spread(got, now)
-            return h
-        for w in ws:
-            self._request(w, ("export", now), gather(w))
+        self._ask_all(("export", now), lambda got: self._spread(got, now))
         if wait:
             for w in ws:
                 self.call(w, ("sync",))
@@ -1190,7 +1195,7 @@ class Runtime:
         gen = self.generation + 1
         self.apps[a] = app  # a worker (re)started from now on starts with it
         self.plans[a] = compile_plan(app)
-        self.alias[a] = plan_aliases(self.plans[a])  # e.g. port forwards edited
+        self._plan_changed(a)  # e.g. port forwards edited
         self._shadow_follows(a, self.plans[a])
         self.generation = gen
         ws = self.active()
