@@ -57,6 +57,27 @@ attach:
   nat.outside: {memory: wan}
 """
 
+# A stateful firewall and a source NAT on memory ports (lan, wan): the flows of the
+# bucket-move tests (tests/unit/test_migration.py, tests/property/test_move_props.py).
+FW_NAT = """\
+appliance: edge
+devices:
+  fw:
+    type: firewall
+    ports: [inside, outside]
+    default: deny
+    rules: [{action: allow, from: inside}]
+  nat:
+    type: nat
+    ports: [inside, outside]
+    snat: {to: 198.51.100.2}
+links:
+  - [fw.outside, nat.inside]
+attach:
+  fw.inside: {memory: lan}
+  nat.outside: {memory: wan}
+"""
+
 R_LAN, R_WAN = "02:00:00:00:01:01", "02:00:00:00:01:02"
 GW_MAC, GW_IP, PUB = "02:00:00:00:00:fe", "198.51.100.1", "198.51.100.2"
 HOSTS = {"h1": ("02:00:00:00:00:11", "10.0.0.11"), "h2": ("02:00:00:00:00:12", "10.0.0.12"),

@@ -19,25 +19,8 @@ from hypothesis import strategies as st
 from dva.packet.build import TCP, UDP, Eth, IPv4, Raw
 from dva.worker.engine import Engine
 from tests.rig import Rig
+from tests.runtime_trace import FW_NAT as APPLIANCE
 
-APPLIANCE = """\
-appliance: edge
-devices:
-  fw:
-    type: firewall
-    ports: [inside, outside]
-    default: deny
-    rules: [{action: allow, from: inside}]
-  nat:
-    type: nat
-    ports: [inside, outside]
-    snat: {to: 198.51.100.2}
-links:
-  - [fw.outside, nat.inside]
-attach:
-  fw.inside: {memory: lan}
-  nat.outside: {memory: wan}
-"""
 NOW = 10.0
 NBUCKETS = 64
 

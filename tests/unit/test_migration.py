@@ -22,25 +22,8 @@ from dva.packet.build import TCP, UDP, Eth, IPv4, Raw
 from dva.packet.steer import flow_buckets, plan_aliases
 from dva.ports.offline import MemoryPort
 from dva.worker import stage
+from tests.runtime_trace import FW_NAT as APPLIANCE
 
-APPLIANCE = """\
-appliance: edge
-devices:
-  fw:
-    type: firewall
-    ports: [inside, outside]
-    default: deny
-    rules: [{action: allow, from: inside}]
-  nat:
-    type: nat
-    ports: [inside, outside]
-    snat: {to: 198.51.100.2}
-links:
-  - [fw.outside, nat.inside]
-attach:
-  fw.inside: {memory: lan}
-  nat.outside: {memory: wan}
-"""
 PUB = "198.51.100.2"
 IN_MAC, OUT_MAC = "02:00:00:00:00:11", "02:00:00:00:00:fe"
 DT = 2e-5  # capture time between two packets
