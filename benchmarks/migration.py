@@ -65,7 +65,7 @@ attach:
 
 def fill_kernel():
     from dva._jit import kernel
-    from dva.packet import layout as L
+    from dva.packet.batch import new_row
     from dva.packet.checksum import ipv4_header_checksum, rd32, wr16, wr32
     from dva.packet.pool import pool_alloc
 
@@ -85,12 +85,7 @@ def fill_kernel():
             wr16(buf, headroom + 34, 1024 + (f & 15))
             wr16(buf, headroom + 24, 0)
             wr16(buf, headroom + 24, ipv4_header_checksum(buf[headroom:], 14))
-            for c in range(L.NFIELDS):
-                meta[i, c] = 0
-            meta[i, L.SLOT] = s
-            meta[i, L.START] = headroom
-            meta[i, L.LEN] = 60
-            meta[i, L.VLAN] = -1
+            new_row(meta, i, s, headroom, 60, 0, 0, 0)
         return n
     return fill
 

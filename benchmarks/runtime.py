@@ -65,6 +65,7 @@ GW_MAC = "02:00:00:00:02:fe"
 def kernels():
     from dva._jit import kernel
     from dva.packet import layout as L
+    from dva.packet.batch import new_row
     from dva.packet.checksum import ipv4_header_checksum, rd32, wr16, wr32
     from dva.packet.pool import pool_alloc
     from dva.packet.ring import ring_pop, ring_push
@@ -92,12 +93,7 @@ def kernels():
             wr16(buf, headroom + 24, ipv4_header_checksum(buf[headroom:], 14))
             wr32(buf, headroom + 42, f)
             seq_of[s] = f
-            for c in range(L.NFIELDS):
-                meta[i, c] = 0
-            meta[i, L.SLOT] = s
-            meta[i, L.START] = headroom
-            meta[i, L.LEN] = length
-            meta[i, L.VLAN] = -1
+            new_row(meta, i, s, headroom, length, 0, 0, 0)
         return n
 
     @kernel

@@ -127,8 +127,8 @@ def run(file: str, batch_size: int, hop_limit: int, show_all: bool, as_json: boo
     if workers is None:
         workers = default_workers() if live else 0
     if workers:
-        _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
-                     ready_file, control_path, state_dir, policy)
+        _run_runtime(app, live, workers, batch_size, hop_limit, show_all, as_json, quiet,
+                     duration, ready_file, control_path, state_dir, policy)
     elif live:
         _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration, ready_file,
                   state_dir)
@@ -222,17 +222,14 @@ def _run_live(app, batch_size, hop_limit, show_all, as_json, quiet, duration,
     sys.exit(1 if failure or errs else 0)
 
 
-def _run_runtime(app, workers, batch_size, hop_limit, show_all, as_json, quiet, duration,
-                 ready_file, control_path, state_dir, policy=None) -> None:
+def _run_runtime(app, live, workers, batch_size, hop_limit, show_all, as_json, quiet,
+                 duration, ready_file, control_path, state_dir, policy=None) -> None:
     """``dva run --workers N``: the dispatcher (this process), N workers, a manager."""
     import signal
 
     from dva.control.sock import ControlServer, default_path
-    from dva.dispatch.live import LIVE_KINDS
     from dva.dispatch.runtime import Runtime
     from dva.ports.offline import PortError
-
-    live = any(a.spec.kind in LIVE_KINDS for a in app.attachments)
 
     def say(line: str) -> None:
         err.print(line, markup=False)

@@ -198,14 +198,15 @@ def _take(records, state, bucket, expires, want, now, out):
 
 
 @kernel
-def _remove(state, bucket, expires, info, want, now):
-    """Delete the live entries whose bucket is wanted; returns how many."""
+def _remove(state, bucket, expires, info, want, every, now):
+    """Delete the live entries whose bucket is wanted (``every``: all of them);
+    returns how many."""
     n = 0
     for s in range(state.shape[0]):
         if state[s] != USED or expires[s] < now:
             continue
         b = bucket[s]
-        if b >= 0 and b < want.shape[0] and want[b]:
+        if every or (b >= 0 and b < want.shape[0] and want[b]):
             state[s] = TOMB
             n += 1
     info[I_LIVE] -= n
@@ -369,7 +370,6 @@ class HashTable:
         """Live entries of the given buckets as records (their used words: state,
         bucket, expiry, key, value; for a bucket move between processes: one pass
         over the slots, one copy, no byte format)."""
-        # only the used words of a record (state, bucket, expiry, key, value)
         out = np.empty((max(len(self), 0), 3 + self.key_words + self.value_words), np.int64)
         k = _take(self.records, self.state, self.bucket, self.expires, self._want(buckets),
                   now, out)
@@ -427,11 +427,6 @@ class HashTable:
     def remove_buckets(self, buckets, now: float) -> int:
         """Delete the entries of the given buckets (after they moved elsewhere); all
         of them with ``buckets`` None."""
-        if buckets is None:
-            s = self.select(None, now)
-            self.state[s] = TOMB
-            self.info[I_LIVE] -= len(s)
-            self.info[I_TOMBS] += len(s)
-            return len(s)
+        every = buckets is None
         return _remove(self.state, self.bucket, self.expires, self.info,
-                       self._want(buckets), now)
+                       self._want(() if every else buckets), every, now)
