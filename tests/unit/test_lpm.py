@@ -192,3 +192,16 @@ def test_table_layout():
     assert (t.tbl8[g * 256:g * 256 + 128] == 4).all()
     assert (t.tbl8[g * 256 + 128:g * 256 + 256] == 5).all()
     assert t.tbl24.dtype == np.int32 and len(t.tbl24) == 1 << 24
+
+
+def test_default_route_is_kept_out_of_tbl24():
+    """A default route answers every address without writing tbl24 (whose 64 MiB of
+    pages then stay unmapped: a small tenant's router costs a few pages, not 64 MiB),
+    and longer prefixes, /25 groups included, still win over it."""
+    t = Lpm([0, 0x0A000000, 0x0A000100], [0, 24, 25], [7, 3, 4])
+    assert np.count_nonzero(t.tbl24) == 2  # the /24 and the /25 group's EXT entry
+    assert t.lookup(0x08080808) == 7
+    assert t.lookup(0x0A000005) == 3
+    assert t.lookup(0x0A000105) == 4
+    assert t.lookup(0x0A000185) == 7  # the /25 group's other half: only the default covers
+    assert Lpm([], [], []).lookup(0x08080808) == 0

@@ -7,8 +7,11 @@ Two arrays of ``int32`` entries:
   than /24 (indexed by ``group * 256 + the low 8 bits``).
 
 An entry is a next-hop number (``0``: no route), or, in ``tbl24`` only, ``EXT | g``:
-"look in tbl8 group ``g``". A lookup is therefore one read, or two: O(1) whatever the
-number of routes, and :func:`lpm_lookup` is a kernel callable from device kernels.
+"look in tbl8 group ``g``". The default route (``/0``) is not written into the tables:
+it sits in one extra entry after the last tbl8 group and answers where an entry is 0.
+A lookup is therefore one read, or two (three for an address only the default route
+covers): O(1) whatever the number of routes, and :func:`lpm_lookup` is a kernel
+callable from device kernels.
 
 Building (plain numpy, once per config): prefixes are applied shortest first, so a
 longer prefix overwrites the range of a shorter one it lies in. A /k with k <= 24
@@ -18,9 +21,12 @@ shorter prefix covering it -- and fills 2**(32-k) entries of it. Equal prefixes:
 later one wins. 100k random routes build in well under a second (``tests/unit/test_lpm.py``
 prints the time).
 
-Memory: ``tbl24`` is 64 MiB (int32 so that next-hop numbers and group numbers have
-30 bits, unlike rte_lpm's original 8-bit next hops); each tbl8 group is 1 KiB. Pages of
-``tbl24`` that no prefix touches are never written (``np.zeros`` is lazily mapped).
+Memory: ``tbl24`` is 64 MiB of address space (int32 so that next-hop numbers and group
+numbers have 30 bits, unlike rte_lpm's original 8-bit next hops); each tbl8 group is
+1 KiB. Pages of ``tbl24`` that no prefix touches are never written (``np.zeros`` is
+lazily mapped), which is why the default route is kept apart: written into tbl24 it
+would touch all 64 MiB, and a small tenant's router (connected /24s and a default
+route) would cost that much memory instead of a few pages (``benchmarks/tenants.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def lpm_lookup(tbl24, tbl8, addr):
     e = i64(tbl24[(addr >> 8) & 0xFFFFFF])
     if e & EXT:
         e = i64(tbl8[((e ^ EXT) << 8) | (addr & 0xFF)])
+    if e == 0:
+        e = i64(tbl8[tbl8.shape[0] - 1])  # the default route, 0 if there is none
     return e
 
 
@@ -88,10 +96,15 @@ class Lpm:
         short = order[ln[order] <= 24]
         long_ = order[ln[order] > 24]
         tbl24 = np.zeros(TBL24_SIZE, np.int32)
+        default = 0
         for a, k, h in zip((p[short] >> 8).tolist(), ln[short].tolist(), nh[short].tolist()):
-            tbl24[a:a + (1 << (24 - k))] = h
+            if k == 0:
+                default = h
+            else:
+                tbl24[a:a + (1 << (24 - k))] = h
         ngroups = len(np.unique(p[long_] >> 8)) if len(long_) else 0
-        tbl8 = np.zeros(max(ngroups, 1) * GROUP, np.int32)
+        tbl8 = np.zeros(max(ngroups, 1) * GROUP + 1, np.int32)
+        tbl8[-1] = default
         g_next = 0
         for a, k, h in zip(p[long_].tolist(), ln[long_].tolist(), nh[long_].tolist()):
             i24 = a >> 8
