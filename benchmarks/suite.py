@@ -108,15 +108,18 @@ def plot(res: dict, path: Path) -> None:
             ax.legend(fontsize=8)
         else:
             med = res["io"].get("medians", {})
-            names = [n for n, m in med.items() if m and not m.get("skipped")]
+            names = [n for n in med if n not in res["io"].get("skipped", {})]
             dl = [med[n]["delivered_mpps"] for n in names]
-            pc = [med[n]["mpps_per_busy_core"] for n in names]
-            xs = range(len(names))
-            ax.bar([x - 0.2 for x in xs], dl, 0.4, label="delivered Mpps")
-            ax.bar([x + 0.2 for x in xs], pc, 0.4, label="Mpps per busy core")
-            ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+            pc = [med[n]["mpps_per_core"] for n in names]
+            xs = list(range(len(names)))
+            for off, vals, label in ((-0.2, dl, "delivered Mpps"),
+                                     (0.2, pc, "Mpps per busy core")):
+                ax.bar([x + off for x in xs], [v["median"] for v in vals], 0.4, label=label,
+                       yerr=[[v["median"] - v["min"] for v in vals],
+                             [v["max"] - v["median"] for v in vals]], capsize=3)
+            ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
             ax.set_ylabel("Mpps")
-            ax.set_title("Over veths: trafgen -> forwarder -> sink (medians)")
+            ax.set_title("Over veths: trafgen -> forwarder -> sink (medians, min-max)")
             ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +178,7 @@ def main() -> None:
             import io_peers
 
             res["io"] = io_peers.run_suite(runs, 100_000 if a.quick else 300_000, None)
+            print(io_peers.format_table(res["io"]))
         save()
     if "scaling" in parts:
         print("scaling: router chain, inline / 1 / 2 workers (in memory)")
