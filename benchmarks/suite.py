@@ -193,6 +193,12 @@ def main() -> None:
             print(f"  {mode}: {p['start_ms_per_tenant']:.2f} ms and "
                   f"{p['kib_per_tenant']:.0f} KiB per tenant")
         save()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"written to {out}; no plot: matplotlib is missing "
+              "(python -m pip install -e '.[bench]')")
+        return
     plot(res, Path(a.plot))
     print(f"written to {out} and {a.plot}")
 

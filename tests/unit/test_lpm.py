@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -205,3 +206,27 @@ def test_default_route_is_kept_out_of_tbl24():
     assert t.lookup(0x0A000105) == 4
     assert t.lookup(0x0A000185) == 7  # the /25 group's other half: only the default covers
     assert Lpm([], [], []).lookup(0x08080808) == 0
+
+
+def _pss_kib() -> int | None:
+    try:
+        with open(f"/proc/{os.getpid()}/smaps_rollup") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def test_a_small_table_costs_pages_not_megabytes():
+    """A tenant's router (two connected /24s far apart, a /25, a default route) makes a
+    few 4 KiB pages of tbl24 resident, not 2 MiB huge pages per entry written (4 MiB
+    each before) nor the whole 64 MiB (a default route written into tbl24)."""
+    if _pss_kib() is None:
+        pytest.skip("needs /proc/PID/smaps_rollup")
+    tables = []
+    before = _pss_kib()
+    for i in range(20):
+        tables.append(Lpm([0x0A000000 + (i << 8), 0xC6336400, 0xC6336480, 0],
+                          [24, 24, 25, 0], [1, 2, 3, 4]))
+    grew = _pss_kib() - before
+    assert grew < 20 * 512, f"{grew} KiB for 20 small tables"
+    assert tables[7].lookup(0x0A000705) == 1 and tables[7].lookup(0x08080808) == 4

@@ -27,6 +27,9 @@ numbers have 30 bits, unlike rte_lpm's original 8-bit next hops); each tbl8 grou
 lazily mapped), which is why the default route is kept apart: written into tbl24 it
 would touch all 64 MiB, and a small tenant's router (connected /24s and a default
 route) would cost that much memory instead of a few pages (``benchmarks/tenants.py``).
+For the same reason a table with few prefixes is allocated without numpy's
+transparent-huge-page advice (each entry written would otherwise make a 2 MiB page
+resident); a large one keeps it, since huge pages spare its random lookups TLB misses.
 """
 
 from __future__ import annotations
@@ -39,6 +42,21 @@ EXT = 1 << 30  # tbl24 entry flag: the rest is a tbl8 group number
 NH_MAX = EXT - 1  # largest next-hop number
 TBL24_SIZE = 1 << 24
 GROUP = 256
+SPARSE = 4096  # at most this many prefixes of /24 or shorter: tbl24 in 4 KiB pages
+
+
+def _zeros(n: int, huge: bool) -> np.ndarray:
+    """``np.zeros(n, int32)``; with ``huge=False`` without numpy's advice to back it
+    with transparent huge pages (numpy gives it to allocations of 4 MiB and more)."""
+    mod = getattr(np, "_core", None) or np.core
+    advise = getattr(mod.multiarray, "_set_madvise_hugepage", None)
+    if huge or advise is None:
+        return np.zeros(n, np.int32)
+    before = advise(False)
+    try:
+        return np.zeros(n, np.int32)
+    finally:
+        advise(before)
 
 
 @kernel
@@ -95,7 +113,7 @@ class Lpm:
         order = np.argsort(ln, kind="stable")  # shortest first
         short = order[ln[order] <= 24]
         long_ = order[ln[order] > 24]
-        tbl24 = np.zeros(TBL24_SIZE, np.int32)
+        tbl24 = _zeros(TBL24_SIZE, huge=len(short) > SPARSE)
         default = 0
         for a, k, h in zip((p[short] >> 8).tolist(), ln[short].tolist(), nh[short].tolist()):
             if k == 0:
