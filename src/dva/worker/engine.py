@@ -348,16 +348,18 @@ class Engine:
             b.n = 0
             if k == 0:
                 continue
-            qs = self.qstart
-            for q in np.flatnonzero(qs[1:] - qs[:-1]):
-                lo, hi = int(qs[q]), int(qs[q + 1])
+            qs = self.qstart.tolist()  # a few queues: plain ints beat numpy calls here
+            for q in range(self.nq):
+                lo, hi = qs[q], qs[q + 1]
+                if lo == hi:
+                    continue
                 dst = self.inq[q] if q < ndev else outputs[q - ndev]
                 dst.ensure_capacity(dst.n + hi - lo)
                 dst.meta[dst.n:dst.n + hi - lo] = self.out[lo:hi]
                 dst.n += hi - lo
                 if q < ndev:
                     if q not in pending:
-                        pending.append(int(q))
+                        pending.append(q)
                 else:
                     self.attach_tx[q - ndev] += hi - lo
 
