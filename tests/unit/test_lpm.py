@@ -230,3 +230,14 @@ def test_a_small_table_costs_pages_not_megabytes():
     grew = _pss_kib() - before
     assert grew < 20 * 512, f"{grew} KiB for 20 small tables"
     assert tables[7].lookup(0x0A000705) == 1 and tables[7].lookup(0x08080808) == 4
+
+
+def test_a_thousand_small_tables_leave_room_to_fork():
+    """A dispatcher with 1,000 tenant routers (64 GiB of tbl24 address space) must still
+    fork its workers: sparse tables are mapped outside the commit limit (with the
+    default heuristic overcommit the fork failed with ENOMEM)."""
+    tables = [Lpm([0x0A000000, 0xC6336400, 0], [24, 24, 0], [1, 2, 3]) for _ in range(1000)]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if tables[999].lookup(0x0A000001) == 1 else 1)
+    assert os.waitpid(pid, 0)[1] == 0

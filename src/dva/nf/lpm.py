@@ -27,12 +27,16 @@ numbers have 30 bits, unlike rte_lpm's original 8-bit next hops); each tbl8 grou
 lazily mapped), which is why the default route is kept apart: written into tbl24 it
 would touch all 64 MiB, and a small tenant's router (connected /24s and a default
 route) would cost that much memory instead of a few pages (``benchmarks/tenants.py``).
-For the same reason a table with few prefixes is allocated without numpy's
-transparent-huge-page advice (each entry written would otherwise make a 2 MiB page
-resident); a large one keeps it, since huge pages spare its random lookups TLB misses.
+For the same reason a table with few prefixes gets a mapping of 4 KiB pages of its
+own, outside the commit limit (with numpy's transparent-huge-page advice each entry
+written would make a 2 MiB page resident); a large one keeps ``np.zeros`` and its
+huge pages, which spare random lookups TLB misses.
 """
 
 from __future__ import annotations
+
+import mmap
+import sys
 
 import numpy as np
 
@@ -43,20 +47,21 @@ NH_MAX = EXT - 1  # largest next-hop number
 TBL24_SIZE = 1 << 24
 GROUP = 256
 SPARSE = 4096  # at most this many prefixes of /24 or shorter: tbl24 in 4 KiB pages
+# (Python's mmap module names it from 3.13 on; 0x4000 on Linux)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 
 
 def _zeros(n: int, huge: bool) -> np.ndarray:
-    """``np.zeros(n, int32)``; with ``huge=False`` without numpy's advice to back it
-    with transparent huge pages (numpy gives it to allocations of 4 MiB and more)."""
-    mod = getattr(np, "_core", None) or np.core
-    advise = getattr(mod.multiarray, "_set_madvise_hugepage", None)
-    if huge or advise is None:
+    """``n`` zeroed int32 entries. ``huge``: ``np.zeros`` (numpy advises transparent
+    huge pages for it). Else a private anonymous mapping of its own with
+    ``MAP_NORESERVE``: 4 KiB pages, made resident only where written, and not
+    counted against the commit limit -- with the kernel's default (heuristic)
+    overcommit a process holding a thousand 64 MiB tables could not ``fork`` a worker
+    otherwise (its 64 GiB of writable address space is checked as a whole)."""
+    if huge:
         return np.zeros(n, np.int32)
-    before = advise(False)
-    try:
-        return np.zeros(n, np.int32)
-    finally:
-        advise(before)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+    return np.frombuffer(mmap.mmap(-1, 4 * n, flags=flags), np.int32)
 
 
 @kernel
