@@ -3,6 +3,7 @@
     python benchmarks/compute.py [--runs 5] [--packets 1000000] [--cpu 0]
                                  [--scenarios switch,router,...] [--flows 1,1000000]
                                  [--batches 32,256,2048] [--no-ref] [--out FILE]
+    python benchmarks/compute.py --profile --scenarios edge --flows 1 --batches 256
 
 Each scenario is an appliance run by the inline engine (``dva.worker.engine``: what
 ``dva run --workers 0`` and every worker runs): the engine stamps and parses each
@@ -465,6 +466,32 @@ def scapy_figures(names: list[str], packets: int) -> dict[str, float]:
     return res
 
 
+def profile(name: str, flows: int, batch: int, packets: int, say=print) -> list[tuple]:
+    """Where a scenario's time goes: cProfile over one run (numba reports each compiled
+    call to the profiler, argument unboxing included), per call site, in ns per
+    packet, after the same run unprofiled (the profiler adds its own cost to every
+    Python-level call)."""
+    import cProfile
+    import pstats
+
+    h = Harness(name, flows, (batch,))
+    h.run(batch, packets // 4)
+    mpps = statistics.median(h.run(batch, packets) for _ in range(3))
+    pr = cProfile.Profile()
+    pr.enable()
+    h.run(batch, packets)
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = sorted(((tt, f"{Path(f).name}:{ln}({fn})", nc) for (f, ln, fn), (_, nc, tt, _, _)
+                   in st.stats.items()), reverse=True)
+    say(f"{name}, {flows:,} flow(s), batch {batch}: {mpps:.2f} Mpps = {1e3 / mpps:.0f} ns "
+        f"per packet unprofiled, {1e9 * st.total_tt / packets:.0f} profiled")
+    per_batch = packets // batch
+    for tt, where, nc in rows[:16]:
+        say(f"  {1e9 * tt / packets:6.0f} ns/packet  {nc / per_batch:4.1f} calls/batch  {where}")
+    return rows
+
+
 def pin(cpu: int | None) -> None:
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
@@ -539,6 +566,9 @@ def main() -> None:
     ap.add_argument("--flows", default=",".join(map(str, FLOWS)))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--no-ref", action="store_true", help="skip the JIT-off and scapy baselines")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: where the time goes (cProfile, per call site) of each "
+                         "scenario at the first flow count and batch size given")
     ap.add_argument("--reference-child", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(HERE / "results" / "compute.json"))
     a = ap.parse_args()
@@ -550,6 +580,10 @@ def main() -> None:
     if bad:
         sys.exit(f"compute: unknown scenario(s) {', '.join(bad)}; known: {', '.join(SCENARIOS)}")
     pin(a.cpu)
+    if a.profile:
+        for n in names:
+            profile(n, int(a.flows.split(",")[0]), int(a.batches.split(",")[0]), a.packets)
+        return
     res = run_compute(names, [int(x) for x in a.flows.split(",")],
                       [int(x) for x in a.batches.split(",")], a.runs, a.packets, not a.no_ref)
     res["meta"] = meta(sys.argv[1:])

@@ -21,7 +21,8 @@ Parts (each also runs alone; see its module):
   1, 100 and 1,000 small tenant appliances in one instance.
 
 Prints a table per part, writes every figure to ``--out`` (JSON, rewritten after each
-part) and a plot of Mpps per scenario to ``--plot`` (PNG). ``--quick`` runs fewer and
+part; with ``--parts`` naming only some, the other parts already in the file stay)
+and a plot of Mpps per scenario to ``--plot`` (PNG). ``--quick`` runs fewer and
 shorter passes (for a first look, not for the record). The io part needs root,
 trafgen (apt-get install netsniff-ng), nft (nftables) and, for its OVS rows,
 ovs-vswitchd (openvswitch-switch); it says what is missing and skips what it cannot run.
@@ -150,6 +151,11 @@ def main() -> None:
         "numba": numba.__version__, "runs": a.runs}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if set(parts) != set(PARTS) and out.exists():
+        # a part run again replaces that part of the record; the others stay
+        old = json.loads(out.read_text())
+        res = {**old, "meta": {**old.get("meta", {}), **{f"{p} run": res["meta"]
+                                                          for p in parts}}}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=2) + "\n")
