@@ -236,8 +236,9 @@ def test_a_failed_import_rolls_the_move_back_and_nothing_is_lost():
 
                 def bad_call(w, msg, timeout=30.0):  # the flow state arrives damaged
                     if msg[0] == "move_in":
-                        head, sizes = msg[2]
-                        msg = (*msg[:2], (head, [n + 8 for n in sizes]), *msg[3:])
+                        head, places, area = msg[2]
+                        msg = (*msg[:2], (head, [(a, o, n + 8) for a, o, n in places],
+                                          area), *msg[3:])
                     return orig(w, msg, timeout)
                 rt.call = bad_call
                 try:

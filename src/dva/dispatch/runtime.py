@@ -577,7 +577,8 @@ class Runtime:
         path = str(stage.stage_dir() / f"{stage.PREFIX}{os.getpid()}-{self._moves_made}")
         try:
             upto = {w: int(self.bus.rx[w][TAIL]) for w in srcs}
-            parts = {w: self.call(w, ("move_out", srcs[w], upto[w], now, f"{path}-{w}"))
+            parts = {w: self.call(w, ("move_out", srcs[w], upto[w], now, f"{path}-{w}",
+                                      self._area_path(w)))
                      for w in srcs}
             t_out = time.perf_counter()
             for w in srcs:
@@ -616,6 +617,17 @@ class Runtime:
                 "release_ms": round(us / 1e3 - (t_in - t0) * 1e3, 3)}
 
     _moves_made = 0
+
+    def _area_path(self, w: int) -> str:
+        """Worker ``w``'s staging area (:class:`dva.worker.stage.Area`: kept between
+        moves; removed when the worker stops and at close)."""
+        return str(stage.stage_dir() / f"{stage.PREFIX}{os.getpid()}-area-{w}")
+
+    def _remove_area(self, w: int) -> None:
+        try:
+            os.unlink(self._area_path(w))
+        except OSError:
+            pass
 
     @staticmethod
     def _unstage(path: str, srcs) -> None:
@@ -781,6 +793,7 @@ class Runtime:
                 h.proc.join()
         h.proc = None
         h.last = None
+        self._remove_area(w)
 
     # -- persisted state (DHCP leases) ------------------------------------------------
     def _clock(self) -> tuple[float, float]:
@@ -1374,6 +1387,8 @@ class Runtime:
     stopped = False
 
     def close(self) -> None:
+        for w in range(self.max_workers):
+            self._remove_area(w)
         for p in self.persist:
             if p is not None:
                 p.close()

@@ -131,10 +131,18 @@ class DeviceState:
     def import_flows(self, data: bytes, now: float) -> int:
         return _unpack_into(self.flow_tables, data, now)
 
-    def take_flows(self, buckets, now: float) -> dict:
+    def take_flows(self, buckets, now: float, alloc=None) -> dict:
         """The flow state of ``buckets`` as arrays per table (bucket moves between
-        workers: what :meth:`export_flows` holds, without the byte format)."""
-        return {name: t.take_entries(buckets, now) for name, t in self.flow_tables.items()}
+        workers: what :meth:`export_flows` holds, without the byte format).
+        ``alloc(rows, words)``: where each table's records go (a staging area)."""
+        return {name: t.take_entries(buckets, now, None if alloc is None else
+                                     alloc(len(t), t.record_words))
+                for name, t in self.flow_tables.items()}
+
+    def flow_words(self) -> int:
+        """An upper bound of the words :meth:`take_flows` gives (each table's records
+        rounded up to whole cache lines)."""
+        return sum(len(t) * t.record_words + 8 for t in self.flow_tables.values())
 
     def put_flows(self, parts: dict, now: float) -> int:
         unknown = set(parts) - set(self.flow_tables)

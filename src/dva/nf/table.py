@@ -35,8 +35,9 @@ from dva._jit import i64, inline_kernel, kernel
 
 EMPTY, USED, TOMB = 0, 1, 2
 # info[] slots
-I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED = 0, 1, 2, 3, 4
-NINFO = 5
+I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED, I_SCRATCH = 0, 1, 2, 3, 4, 5
+NINFO = 6
+IMPORT_BLOCK = 32  # entries whose home slots an import reads ahead (misses overlap)
 
 M32 = 0xFFFFFFFF
 
@@ -158,24 +159,41 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
             now, newer_only):
     """Insert the given entries or overwrite equal keys (with ``newer_only``: only
     entries that expire later than the one held, and none already expired: the newer
-    news wins); returns how many did not fit."""
+    news wins); returns how many did not fit.
+
+    Entries go in blocks of ``IMPORT_BLOCK``: the home slots of a block are read
+    first, in a loop of their own, so that their cache misses (a large table's slots
+    are all misses) overlap instead of coming one after the other."""
     failed = 0
-    for i in range(ikeys.shape[0]):
-        if newer_only and iexpires[i] < now:
-            continue
-        s = tbl_lookup(keys, state, expires, info, ikeys[i], now)
-        if newer_only and s >= 0 and expires[s] >= iexpires[i]:
-            continue
-        if s < 0:
-            s = tbl_insert(keys, state, bucket, expires, info, ikeys[i], ibucket[i],
-                           iexpires[i], now)
-            if s < 0:
-                failed += 1
+    mask = state.shape[0] - 1
+    n = ikeys.shape[0]
+    touched = 0
+    for b0 in range(0, n, IMPORT_BLOCK):
+        b1 = min(b0 + IMPORT_BLOCK, n)
+        last = vals.shape[1] - 1
+        for i in range(b0, b1):
+            h = tbl_hash(ikeys[i]) & mask
+            touched += state[h]
+            if last >= 0:
+                touched += vals[h, last]  # a record's last line too (values are written)
+        for i in range(b0, b1):
+            if newer_only and iexpires[i] < now:
                 continue
-        bucket[s] = ibucket[i]
-        expires[s] = iexpires[i]
-        for w in range(vals.shape[1]):
-            vals[s, w] = ivals[i, w]
+            key = ikeys[i]
+            s = tbl_lookup(keys, state, expires, info, key, now)
+            if newer_only and s >= 0 and expires[s] >= iexpires[i]:
+                continue
+            if s < 0:
+                s = tbl_insert(keys, state, bucket, expires, info, key, ibucket[i],
+                               iexpires[i], now)
+                if s < 0:
+                    failed += 1
+                    continue
+            bucket[s] = ibucket[i]
+            expires[s] = iexpires[i]
+            for w in range(vals.shape[1]):
+                vals[s, w] = ivals[i, w]
+    info[I_SCRATCH] = touched  # keeps the touching loads (their value is never used)
     return failed
 
 
@@ -366,14 +384,24 @@ class HashTable:
         want[b] = True
         return want
 
-    def take_entries(self, buckets, now: float) -> dict[str, np.ndarray]:
-        """Live entries of the given buckets as records (their used words: state,
-        bucket, expiry, key, value; for a bucket move between processes: one pass
-        over the slots, one copy, no byte format)."""
-        out = np.empty((max(len(self), 0), 3 + self.key_words + self.value_words), np.int64)
+    @property
+    def record_words(self) -> int:
+        """Words of a record :meth:`take_entries` gives: state, bucket, expiry, key,
+        value."""
+        return 3 + self.key_words + self.value_words
+
+    def take_entries(self, buckets, now: float, out: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+        """Live entries of the given buckets as records (their used words; for a
+        bucket move between processes: one pass over the slots, one copy, no byte
+        format). ``out``: where to put them (``len(self)`` rows of
+        :attr:`record_words`, e.g. in a staging area), else a new array."""
+        given = out is not None
+        if out is None:
+            out = np.empty((max(len(self), 0), self.record_words), np.int64)
         k = _take(self.records, self.state, self.bucket, self.expires, self._want(buckets),
                   now, out)
-        return {"records": out[:k].copy() if 2 * k < len(out) else out[:k],
+        return {"records": out[:k].copy() if not given and 2 * k < len(out) else out[:k],
                 "words": np.array([self.key_words, self.value_words])}
 
     def put_entries(self, e: dict[str, np.ndarray], now: float) -> int:
@@ -384,11 +412,10 @@ class HashTable:
                 or r.shape[1] < 3 + kw + vw:
             raise ValueError(f"entries of {kw}+{vw} words do not fit a table of "
                              f"{self.key_words}+{self.value_words}")
+        # column views of the records (no copies: they may be a staged file's pages)
         failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
-                         self.info, np.ascontiguousarray(r[:, 3:3 + kw]),
-                         np.ascontiguousarray(r[:, 3 + kw:3 + kw + vw]),
-                         np.ascontiguousarray(r[:, 1]),
-                         np.ascontiguousarray(r[:, 2]).view(np.float64), now, False)
+                         self.info, r[:, 3:3 + kw], r[:, 3 + kw:3 + kw + vw], r[:, 1],
+                         r[:, 2].view(np.float64), now, False)
         if failed:
             raise TableFull(f"{failed} of {len(r)} moved entries did not fit "
                             f"(limit {self.max_entries})")

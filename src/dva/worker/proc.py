@@ -294,8 +294,10 @@ class Worker:
             self.merge(parts, t)
             self.conn.send(("ok", None))
         elif op == "move_out":
-            _, buckets, upto, t, path = msg
-            self.conn.send(("ok", stage.write(self.move_out(buckets, upto, t), path)))
+            _, buckets, upto, t, path, area_path = msg
+            area = stage.area(area_path)
+            self.conn.send(("ok", stage.write(self.move_out(buckets, upto, t, area), path,
+                                              area)))
         elif op == "move_in":
             _, buckets, staged, t, path = msg
             try:
@@ -341,21 +343,33 @@ class Worker:
         bucket among ``buckets`` (they move with it)."""
         return bool(s.owner_buckets.get(d.name, -1) in buckets)
 
-    def move_out(self, buckets: np.ndarray, upto: int, t: float) -> list:
+    def move_out(self, buckets: np.ndarray, upto: int, t: float,
+                 area: stage.Area | None = None) -> list:
         """Process the rx ring up to position ``upto`` (every packet of ``buckets``
         the dispatcher sent before holding them), then export those buckets' flow
         state (and tables owned through them): per appliance, per device, ``(flows,
-        owned shared or None)``. The state stays here until ``drop_flows``."""
+        owned shared or None)``, the records written into the staging ``area`` when
+        given. The state stays here until ``drop_flows``."""
         while ring_taken(self.rx) < upto:
             if self.step() == 0:
                 time.sleep(0)
         self._returns()
         self._flush()
         bset = set(int(b) for b in buckets)
+        alloc = None
+        if area is not None:
+            words = sum(st.flow_words() for s in self.apps for st in s.engine.states)
+            room = area.reserve(8 * words).view(np.int64)
+            used = [0]
+
+            def alloc(rows: int, width: int) -> np.ndarray:
+                a = room[used[0]:used[0] + rows * width].reshape(rows, width)
+                used[0] += (rows * width + 7) // 8 * 8  # next one cache-line aligned
+                return a
         out = []
         for s in self.apps:
             e = s.engine
-            out.append([(st.take_flows(buckets, t),
+            out.append([(st.take_flows(buckets, t, alloc),
                          st.export_shared(t) if self._owned_here(s, d, bset) else None)
                         for d, st in zip(e.plan.devices, e.states)])
         return out
