@@ -56,3 +56,9 @@ def test_without_an_area_everything_goes_through_the_file(paths):
     head, places, ap = stage.write({"a": arr}, move)
     assert ap is None and [i for i, _, _ in places] == [False]
     assert (stage.read(head, places, ap, move)["a"] == arr).all()
+
+
+def test_an_empty_reservation_makes_no_file(paths):
+    area_path, _ = paths
+    assert stage.Area(area_path).reserve(0).nbytes == 0
+    assert not os.path.exists(area_path)

@@ -54,6 +54,8 @@ class Area:
         self.base = 0  # address of the mapping
 
     def reserve(self, n: int) -> np.ndarray:
+        if n == 0:
+            return np.zeros(0, np.uint8)
         if n > self.size:
             size = -(-n // self.GROW) * self.GROW
             with open(self.path, "a+b") as f:
