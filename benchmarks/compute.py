@@ -246,21 +246,7 @@ def s_lb(flows: int, **_) -> Setup:
                  stateful=True)
 
 
-VX_LOCAL, VX_MAC = "192.0.2.1", "02:00:00:00:0a:01"
-VX_REMOTES = ["192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5"]
-
-
-def _vtep_mac(r: int) -> str:
-    return f"02:00:00:00:0b:{r:02x}"
-
-
-def _encapsulated(r: int, inner: bytes, i: int) -> bytes:
-    from dva.packet.build import UDP, Eth, IPv4, Raw
-
-    return bytes(Eth(src=_vtep_mac(r), dst=VX_MAC) / IPv4(src=VX_REMOTES[r], dst=VX_LOCAL,
-                                                          flags="DF", id=i)
-                 / UDP(sport=49152 + i, dport=4789, chksum=0)
-                 / Raw(bytes.fromhex("0800000000006400")) / Raw(inner))
+from services import VX_LOCAL, VX_MAC, VX_REMOTES, _encapsulated, _vtep_mac  # noqa: E402
 
 
 def s_vxlan(flows: int, **_) -> Setup:

@@ -116,18 +116,7 @@ OVS_TOOLS = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovs-ofc
              "ovs-appctl")
 TICK = os.sysconf("SC_CLK_TCK")
 
-ROUTER = """\
-appliance: fwd
-devices:
-  r1:
-    type: router
-    ports:
-      a: {{ip: 10.1.0.1/24}}
-      b: {{ip: 10.2.0.1/24}}
-attach:
-  r1.a: {{af_packet: {a}}}
-  r1.b: {{af_packet: {b}}}
-"""
+from live_forward import ROUTER  # noqa: E402  (the same router, af_packet on both ends)
 
 ROUTER_FW_NAT = """\
 appliance: fwd

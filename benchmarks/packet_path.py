@@ -120,6 +120,8 @@ def router_setup(batch: int):
     from the LAN side to addresses those routes cover (the LAN subnet excepted)."""
     import random
 
+    from compute import _routes
+
     from dva.graph.appliance import Appliance, Attachment, AttachSpec
     from dva.graph.plan import compile_plan
     from dva.nf.registry import get
@@ -129,17 +131,9 @@ def router_setup(batch: int):
     from dva.packet.pool import PacketPool
     from dva.worker.engine import Engine
 
-    r = random.Random(7)
-    routes, dests, seen = [], [], set()
-    while len(routes) < ROUTES:
-        plen = r.choice((16, 20, 22, 24, 24, 24, 26, 28))
-        a = r.randrange(0x0B000000, 0xDF000000) & (0xFFFFFFFF << (32 - plen))
-        if (a, plen) in seen or (a >> 24) == 127 or (a >> 16) == 0xA9FE:
-            continue  # duplicates; loopback and link-local are martians, dropped
-        seen.add((a, plen))
-        net = f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/{plen}"
-        routes.append({"prefix": net, "via": "10.2.0.254"})
-        dests.append(a | r.randrange(1, 1 << (32 - plen)))
+    routes, dests = _routes(ROUTES)  # seed 7, as before; destinations picked with 8
+    dests = dests.tolist()
+    r = random.Random(8)
     cls = get("router")
     cfg = cls.config_model.model_validate({
         "type": "router", "routes": routes, "max_routes": ROUTES + 10,

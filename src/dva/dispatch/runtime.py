@@ -184,6 +184,22 @@ class WorkerHandle:
     pending_free: list = field(default_factory=list)  # its slots waiting to go home
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _end(proc) -> None:
+    """Wait for a worker process told to stop; kill it if it does not end in time."""
+    if proc is not None:
+        proc.join(STOP_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 class Runtime:
     """Dispatcher + manager of one host running ``apps`` on ``workers`` processes."""
 
@@ -624,18 +640,12 @@ class Runtime:
         return str(stage.stage_dir() / f"{stage.PREFIX}{os.getpid()}-area-{w}")
 
     def _remove_area(self, w: int) -> None:
-        try:
-            os.unlink(self._area_path(w))
-        except OSError:
-            pass
+        _unlink(self._area_path(w))
 
     @staticmethod
     def _unstage(path: str, srcs) -> None:
         for w in srcs:
-            try:
-                os.unlink(f"{path}-{w}")
-            except OSError:
-                pass
+            _unlink(f"{path}-{w}")
 
     def _release_held(self, final: np.ndarray) -> None:
         """Hand the held packets, in order, to the workers ``final`` gives their
@@ -786,11 +796,7 @@ class Runtime:
                 self._retire(h.last)
         self._drain_tx(w)
         self._return_slots()
-        if h.proc is not None:
-            h.proc.join(STOP_TIMEOUT)
-            if h.proc.is_alive():
-                h.proc.kill()
-                h.proc.join()
+        _end(h.proc)
         h.proc = None
         h.last = None
         self._remove_area(w)
@@ -1372,12 +1378,7 @@ class Runtime:
                 pass
         self._collect_all()
         for w in self.active():
-            h = self.workers[w]
-            if h.proc is not None:
-                h.proc.join(STOP_TIMEOUT)
-                if h.proc.is_alive():
-                    h.proc.kill()
-                    h.proc.join()
+            _end(self.workers[w].proc)
         self.final_snaps = snaps
         self.final = self.counters(snaps)
         self.final_errors = self.accounting_errors(snaps)
