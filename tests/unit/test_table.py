@@ -125,3 +125,32 @@ def test_switch_state_shares_its_mac_table_and_has_no_flow_state():
     assert s2.import_shared(blob, now=0.0) == 1
     assert list(s2.macs.get([(1 << 48) | 0x020000000001], now=1.0)) == [1]
     assert s2.import_flows(s.export_flows([0, 1, 2], now=0.0), now=0.0) == 0
+
+
+def test_prefetching_every_slot_and_past_the_end_changes_nothing():
+    """``tbl_prefetch`` asks for a record's lines and the next record's first one --
+    for the last slot that is past the array, which a prefetch may do (it never
+    faults); lookups after it find what they found before."""
+    from dva._jit import kernel
+    from dva.nf.table import tbl_hash, tbl_lookup, tbl_prefetch
+
+    @kernel
+    def prefetch_then_look(keys, state, expires, info, qkeys, now, out):
+        mask = state.shape[0] - 1
+        for s in range(state.shape[0]):
+            tbl_prefetch(state, s)
+        for i in range(qkeys.shape[0]):
+            tbl_prefetch(state, tbl_hash(qkeys[i]) & mask)
+        for i in range(qkeys.shape[0]):
+            out[i] = tbl_lookup(keys, state, expires, info, qkeys[i], now)
+
+    t = HashTable(2, 1, 100)
+    for k in range(100):
+        t.put((k, 7 * k), (k,), expires=10.0, now=0.0)
+    before = t.records.copy()
+    q = np.array([(k, 7 * k) for k in range(150)], np.int64)
+    out = np.zeros(len(q), np.int64)
+    prefetch_then_look(t.keys, t.state, t.expires, t.info, q, 1.0, out)
+    assert (t.records == before).all()
+    assert [int(t.vals[s, 0]) for s in out[:100]] == list(range(100))
+    assert (out[100:] == -1).all()

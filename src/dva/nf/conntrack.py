@@ -81,6 +81,7 @@ from dva.nf.table import (
     tbl_hash,
     tbl_insert,
     tbl_lookup,
+    tbl_prefetch,
     tbl_sweep,
 )
 from dva.packet import layout as L
@@ -559,13 +560,12 @@ def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events
 
 @kernel
 def ct_prefetch(keys, vals, state, expires, key, data, meta, n):
-    """Touch the table slot each TCP/UDP row of the batch will probe first, in a loop
-    of its own: with a table much larger than the caches every lookup misses, and a
-    short loop of independent loads keeps many of those misses in flight at once
-    (the decision loop then finds the lines cached). Returns a checksum of what it
-    read, so that the loads are not optimised away."""
+    """Prefetch the table slot each TCP/UDP row of the batch will probe first (every
+    line of its record, :func:`dva.nf.table.tbl_prefetch`), in a loop of its own:
+    with a table much larger than the caches every lookup misses, and this keeps
+    the misses of the whole batch in flight at once (the decision loop then finds
+    the lines cached)."""
     mask = state.shape[0] - 1
-    acc = 0
     for i in range(n):
         row = meta[i]
         proto = row[L.PROTO]
@@ -578,13 +578,7 @@ def ct_prefetch(keys, vals, state, expires, key, data, meta, n):
         l4 = row[L.L4_OFF]
         ct_make_key(key, row[L.TENANT], proto, rd32(pkt, l3 + 12), rd16(pkt, l4),
                     rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
-        s = tbl_hash(key) & mask
-        # every cache line of the slot's value record (NAT records span three)
-        acc += state[s] + keys[s, 0] + i64(expires[s])
-        for w in range(0, vals.shape[1], 8):
-            acc += vals[s, w]
-        acc += vals[s, vals.shape[1] - 1]
-    return acc
+        tbl_prefetch(state, tbl_hash(key) & mask)
 
 
 @kernel

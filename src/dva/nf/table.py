@@ -31,13 +31,13 @@ import io
 
 import numpy as np
 
-from dva._jit import i64, inline_kernel, kernel
+from dva._jit import i64, inline_kernel, kernel, prefetch
 
 EMPTY, USED, TOMB = 0, 1, 2
 # info[] slots
-I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED, I_SCRATCH = 0, 1, 2, 3, 4, 5
-NINFO = 6
-IMPORT_BLOCK = 32  # entries whose home slots an import reads ahead (misses overlap)
+I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED = 0, 1, 2, 3, 4
+NINFO = 5
+IMPORT_BLOCK = 32  # entries whose home slots an import prefetches (misses overlap)
 
 M32 = 0xFFFFFFFF
 
@@ -56,6 +56,15 @@ def tbl_hash(key):
     for w in range(key.shape[0]):
         h = (((h ^ i64(key[w])) * MUL) >> 32) & M32
     return h
+
+
+@inline_kernel
+def tbl_prefetch(state, s):
+    """Prefetch the record of slot ``s`` (every cache line of it, from its ``state``
+    column view: a row of the records) and the first line of the next one (where a
+    probe goes on): for a loop that runs ahead of lookups in a large table."""
+    for off in range(0, state.strides[0] + 1, 64):
+        prefetch(state, s, off)
 
 
 @kernel
@@ -161,21 +170,16 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
     entries that expire later than the one held, and none already expired: the newer
     news wins); returns how many did not fit.
 
-    Entries go in blocks of ``IMPORT_BLOCK``: the home slots of a block are read
-    first, in a loop of their own, so that their cache misses (a large table's slots
-    are all misses) overlap instead of coming one after the other."""
+    Entries go in blocks of ``IMPORT_BLOCK``: the home slots of a block are
+    prefetched first, in a loop of their own, so that their cache misses (a large
+    table's slots are all misses) overlap instead of coming one after the other."""
     failed = 0
     mask = state.shape[0] - 1
     n = ikeys.shape[0]
-    touched = 0
     for b0 in range(0, n, IMPORT_BLOCK):
         b1 = min(b0 + IMPORT_BLOCK, n)
-        last = vals.shape[1] - 1
         for i in range(b0, b1):
-            h = tbl_hash(ikeys[i]) & mask
-            touched += state[h]
-            if last >= 0:
-                touched += vals[h, last]  # a record's last line too (values are written)
+            tbl_prefetch(state, tbl_hash(ikeys[i]) & mask)
         for i in range(b0, b1):
             if newer_only and iexpires[i] < now:
                 continue
@@ -193,7 +197,6 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
             expires[s] = iexpires[i]
             for w in range(vals.shape[1]):
                 vals[s, w] = ivals[i, w]
-    info[I_SCRATCH] = touched  # keeps the touching loads (their value is never used)
     return failed
 
 
