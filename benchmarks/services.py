@@ -29,6 +29,8 @@ Scenarios (``SCENARIOS``: name -> builder; add new ones there):
   new flow: Maglev table lookup, two conntrack entries, the rewrite. A fresh state
   every 262144 flows (its first touch of a 256 MB table is counted, as in
   ``stateful.py``'s ``fw_new``).
+* ``lb_select_resident`` -- the same on a table whose pages exist (as in an LB
+  that has run a while), emptied in place every 262144 flows (timed too).
 * ``lb_est`` -- frames of random established flows among 100,000 (DNAT): conntrack
   lookup, state update, the rewrite, per-backend counters.
 
@@ -237,7 +239,7 @@ def _lb_device(max_flows: int):
     return cls("lb", cfg)
 
 
-def _lb_scenario(new_flows: bool) -> Scenario:
+def _lb_scenario(new_flows: bool, resident: bool = False) -> Scenario:
     import numpy as np
     from stateful import udp_flow_fill
 
@@ -276,9 +278,19 @@ def _lb_scenario(new_flows: bool) -> Scenario:
             batch(k)
         assert len(cur["state"].ct.table) == 2 * LB_FLOWS
 
+    if resident:  # the table's pages exist, as in an LB that has run a while
+        cur["state"].ct.table.records.fill(0)
+
     def step():
         if new_flows and cur["k"] >= per_run:  # every flow of this state is open
-            cur["state"] = dev.new_state()
+            if resident:
+                # empty the table in place (its pages stay): a slot-state write per
+                # slot, timed with the rest (about 20 ns per flow opened)
+                t = cur["state"].ct.table
+                t.state[:] = 0
+                t.info[:2] = 0  # live entries, tombstones
+            else:
+                cur["state"] = dev.new_state()
             cur["k"] = 0
         batch(cur["k"])
         cur["k"] += BATCH
@@ -296,6 +308,10 @@ def lb_select() -> Scenario:
     return _lb_scenario(True)
 
 
+def lb_select_resident() -> Scenario:
+    return _lb_scenario(True, resident=True)
+
+
 def lb_est() -> Scenario:
     return _lb_scenario(False)
 
@@ -305,6 +321,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "vxlan_encap": vxlan_encap,
     "vxlan_decap": vxlan_decap,
     "lb_select": lb_select,
+    "lb_select_resident": lb_select_resident,
     "lb_est": lb_est,
 }
 

@@ -6,8 +6,14 @@
 Measured, each as the median of ``--runs`` runs interleaved round-robin:
 
 * ``ct_insert`` / ``ct_lookup`` -- the conntrack table alone (key build + insert, or
-  key build + lookup of a random live flow), ``--flows`` UDP flows: operations per
-  second.
+  key build + lookup of a random live flow), ``--flows`` UDP flows, one operation
+  after the other: operations per second. ``ct_insert`` fills a new table, whose
+  pages the kernel supplies on first touch (about ten times a write's cost on these
+  VMs); ``ct_insert_resident`` one whose pages exist (as in a worker that has run a
+  while).
+* ``ct_insert_batched`` / ``ct_lookup_batched`` -- the same, as the devices do it:
+  the keys of a batch of 256 built and their slots prefetched in one loop, then
+  inserted or looked up.
 * ``fw_new`` -- parse + the firewall on packets that each open a new UDP flow (rule
   match, conntrack insert): the rate at which it admits new flows.
 * ``fw_est`` -- parse + the firewall on packets of random established flows among
@@ -74,7 +80,7 @@ def build(flows: int):
     from dva.graph.appliance import parse_appliance
     from dva.graph.plan import compile_plan
     from dva.nf.conntrack import ct_make_key
-    from dva.nf.table import tbl_insert, tbl_lookup
+    from dva.nf.table import tbl_hash, tbl_insert, tbl_lookup, tbl_prefetch
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
     from dva.packet.build import UDP, Eth, IPv4
@@ -128,9 +134,38 @@ attach:
             done += e >= 0
         return done
 
-    def fresh_ct():
+    @kernel
+    def ct_ops_batched(keys, vals, state, bucket, expires, info, kbuf, ids, insert, now):
+        """As the devices do it: keys of a batch (``kbuf``: BATCH rows) built and
+        their slots prefetched in one loop, then looked up or inserted."""
+        done = 0
+        mask = state.shape[0] - 1
+        n = ids.shape[0]
+        for b0 in range(0, n, kbuf.shape[0]):
+            b1 = min(b0 + kbuf.shape[0], n)
+            for i in range(b0, b1):
+                f = ids[i]
+                key = kbuf[i - b0]
+                ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), SERVER, 53)
+                tbl_prefetch(state, tbl_hash(key) & mask)
+            for i in range(b0, b1):
+                key = kbuf[i - b0]
+                if insert:
+                    e = tbl_insert(keys, state, bucket, expires, info, key, ids[i] & 4095,
+                                   now + 1e6, now)
+                else:
+                    e = tbl_lookup(keys, state, expires, info, key, now)
+                done += e >= 0
+        return done
+
+    kbuf = np.zeros((BATCH, 3), np.int64)
+
+    def fresh_ct(resident=False):
         from dva.nf.conntrack import Conntrack
-        return Conntrack(flows + 16)
+        c = Conntrack(flows + 16)
+        if resident:  # as in a worker that has run a while: the table's pages exist
+            c.table.records.fill(0)
+        return c
 
     rng = np.random.default_rng(1)
     ids = np.arange(flows, dtype=np.int64)
@@ -165,29 +200,43 @@ attach:
     ct = fresh_ct()
     t = ct.table
     ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, ct.key, ids[:10], True, 1.0)
+    ct_ops_batched(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, kbuf, ids[:10],
+                   True, 1.0)
 
     steps = {}
 
-    def ct_insert():
-        c = fresh_ct()
-        t = c.table
-        t0 = time.perf_counter()
-        n = ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, c.key, order, True,
-                   1.0)
-        assert n == flows
-        return flows / (time.perf_counter() - t0)
+    def ct_insert(batched, resident):
+        def step():
+            c = fresh_ct(resident)
+            t = c.table
+            t0 = time.perf_counter()
+            if batched:
+                n = ct_ops_batched(t.keys, t.vals, t.state, t.bucket, t.expires, t.info,
+                                   kbuf, order, True, 1.0)
+            else:
+                n = ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, c.key,
+                           order, True, 1.0)
+            assert n == flows
+            return flows / (time.perf_counter() - t0)
+        return step
 
     lookup_ct = fresh_ct()
     lt = lookup_ct.table
     ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info, lookup_ct.key, ids,
            True, 1.0)
 
-    def ct_lookup():
-        t0 = time.perf_counter()
-        n = ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info,
-                   lookup_ct.key, order, False, 1.0)
-        assert n == flows
-        return flows / (time.perf_counter() - t0)
+    def ct_lookup(batched):
+        def step():
+            t0 = time.perf_counter()
+            if batched:
+                n = ct_ops_batched(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires,
+                                   lt.info, kbuf, order, False, 1.0)
+            else:
+                n = ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info,
+                           lookup_ct.key, order, False, 1.0)
+            assert n == flows
+            return flows / (time.perf_counter() - t0)
+        return step
 
     new_flow = [flows]  # ids never seen: each packet opens a flow
 
@@ -210,7 +259,11 @@ attach:
             return nb * BATCH / (time.perf_counter() - t0)
         return step
 
-    steps = {"ct_insert": ct_insert, "ct_lookup": ct_lookup, "fw_new": fw_new,
+    steps = {"ct_insert": ct_insert(False, False),
+             "ct_insert_resident": ct_insert(False, True),
+             "ct_insert_batched": ct_insert(True, True),
+             "ct_lookup": ct_lookup(False), "ct_lookup_batched": ct_lookup(True),
+             "fw_new": fw_new,
              "fw_est": established([(fw, fws)]),
              "fw_nat_est": established([(fw, fws), (nat, nats)])}
     del new_flow
@@ -233,12 +286,13 @@ def main() -> None:
     for _ in range(a.runs):
         for k, f in steps.items():
             rates[k].append(f())
-    units = {"ct_insert": "M inserts/s", "ct_lookup": "M lookups/s"}
+    units = {k: "M inserts/s" for k in steps if k.startswith("ct_insert")}
+    units.update({k: "M lookups/s" for k in steps if k.startswith("ct_lookup")})
     rows = {}
-    print(f"{'what':12} {'median':>10} {'min':>8} {'max':>8}  unit")
+    print(f"{'what':20} {'median':>10} {'min':>8} {'max':>8}  unit")
     for k, v in rates.items():
         m = statistics.median(v) / 1e6
-        print(f"{k:12} {m:10.2f} {min(v) / 1e6:8.2f} {max(v) / 1e6:8.2f}  "
+        print(f"{k:20} {m:10.2f} {min(v) / 1e6:8.2f} {max(v) / 1e6:8.2f}  "
               f"{units.get(k, 'Mpps')}")
         rows[k] = {"median": m, "runs": [x / 1e6 for x in v], "unit": units.get(k, "Mpps")}
     meta = {"command": "python benchmarks/stateful.py " + " ".join(sys.argv[1:]),

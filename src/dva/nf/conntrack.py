@@ -57,7 +57,8 @@ are never evicted.
 **Values** of an entry (int64 words): ``V_STATE`` (TCP state; UDP/ICMP/other: 0),
 ``V_FLAGS`` (``F_*``), ``V_AUX`` (one word for the owning device, e.g. the firewall
 rule that allowed it), per direction d (0: original, 1: reply) the window tracking
-``V_END + d``, ``V_MAXEND + d``, ``V_MAXWIN + d``, ``V_SCALE + d``, then
+``V_END + d``, ``V_MAXEND + d``, ``V_MAXWIN + d``, and the window scale in byte
+``d`` of ``V_SCALE``, then
 ``user_words`` words for the device (``V_USER``...: the NAT translation).
 
 Counters (``CT_EVENTS``, in the device's counter array from ``ev0`` on): flows
@@ -155,9 +156,10 @@ _TIMEOUT_INDEX = {
 
 # value words
 V_STATE, V_FLAGS, V_AUX = 0, 1, 2
-V_END, V_MAXEND, V_MAXWIN, V_SCALE = 3, 5, 7, 9  # + direction (0 or 1)
-V_USER = 11
-BASE_WORDS = 11
+V_END, V_MAXEND, V_MAXWIN = 3, 5, 7  # + direction (0 or 1)
+V_SCALE = 9  # both directions' window scales: direction d in bits 8d .. 8d + 7
+V_USER = 10
+BASE_WORDS = 10  # with the 6 words of slot state, bucket, expiry and key: 2 cache lines
 # flags
 F_ORIG_A = 1  # endpoint A opened the connection
 F_REPLIED = 2  # a packet was seen in the reply direction
@@ -311,6 +313,18 @@ def _wscale(pkt, l4, doff):
     return -1
 
 
+@inline_kernel
+def _scale(vals, e, d):
+    """The window scale of direction ``d`` (both share the word ``V_SCALE``)."""
+    return (vals[e, V_SCALE] >> (8 * d)) & 0xFF
+
+
+@inline_kernel
+def _set_scale(vals, e, d, wscale):
+    sh = 8 * d
+    vals[e, V_SCALE] = (vals[e, V_SCALE] & ~(0xFF << sh)) | (wscale << sh)
+
+
 @kernel
 def _syn_window(vals, e, d, end, win, wscale):
     """Window tracking of direction ``d`` starts (again) at its SYN or SYN/ACK."""
@@ -319,17 +333,16 @@ def _syn_window(vals, e, d, end, win, wscale):
     vals[e, V_MAXWIN + d] = win if win > 0 else 1
     if wscale >= 0:
         vals[e, V_FLAGS] |= F_WSCALE << d
-        vals[e, V_SCALE + d] = wscale
+        _set_scale(vals, e, d, wscale)
     else:
         vals[e, V_FLAGS] &= ~(F_WSCALE << d)
-        vals[e, V_SCALE + d] = 0
+        _set_scale(vals, e, d, 0)
     both = F_WSCALE | (F_WSCALE << 1)
     if d == 1 and (vals[e, V_FLAGS] & both) != both:
         # Scaling applies only when both sides offered it (RFC 7323 2.2), which is
         # known at the SYN/ACK; at the SYN the other side has not spoken yet (zeroing
         # then lost the client's scale: its windows counted 1024x too small).
         vals[e, V_SCALE] = 0
-        vals[e, V_SCALE + 1] = 0
 
 
 @kernel
@@ -344,7 +357,7 @@ def _tcp_window(vals, e, d, state, flags, seq, ack, end, win, wscale):
                 return True
         else:
             vals[e, V_END + d] = end
-            sw = (win << vals[e, V_SCALE + d]) & M32
+            sw = (win << _scale(vals, e, d)) & M32
             vals[e, V_MAXWIN + d] = sw if sw > 0 else 1
             vals[e, V_MAXEND + d] = (end + vals[e, V_MAXWIN + d]) & M32
             if vals[e, V_MAXWIN + r] == 0:
@@ -372,7 +385,7 @@ def _tcp_window(vals, e, d, state, flags, seq, ack, end, win, wscale):
             and _before((r_end - ackwin - 1) & M32, ack)):
         return False
     if not flags & SYN:
-        win = (win << vals[e, V_SCALE + d]) & M32
+        win = (win << _scale(vals, e, d)) & M32
     if s_maxwin < win:
         vals[e, V_MAXWIN + d] = win
     if _before(s_end, end):

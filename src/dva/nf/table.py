@@ -45,7 +45,7 @@ M32 = 0xFFFFFFFF
 MUL = 0x5851F42D4C957F2D  # odd, < 2**63 so numba types it as int64
 
 
-@kernel
+@inline_kernel
 def tbl_hash(key):
     """Multiply-shift hash of the key words (32 bits).
 
@@ -67,7 +67,7 @@ def tbl_prefetch(state, s):
         prefetch(state, s, off)
 
 
-@kernel
+@inline_kernel
 def _key_eq(keys, slot, key):
     for w in range(key.shape[0]):
         if keys[slot, w] != key[w]:
@@ -75,7 +75,7 @@ def _key_eq(keys, slot, key):
     return True
 
 
-@kernel
+@inline_kernel
 def _expire(state, info, slot):
     state[slot] = TOMB
     info[I_LIVE] -= 1
