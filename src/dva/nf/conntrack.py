@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dva._jit import i64, inline_kernel, kernel
+from dva._jit import i64, inline_copy, inline_kernel, kernel
 from dva.nf.table import (
     I_EXPIRED,
     I_LIVE,
@@ -174,6 +174,10 @@ CT_EVENTS = ("flows_created", "early_drops", "flows_refused", "invalid", "relate
 
 MAXACKWIN = 66000
 MAX_FLOWS_LIMIT = 1 << 24
+
+# every packet's lookup, inlined into the classification (as a call it passes the
+# table's arrays field by field)
+_lookup = inline_copy(tbl_lookup)
 
 
 def check_timeouts(v: dict[str, float]) -> dict[str, float]:
@@ -516,7 +520,7 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
         k = _icmp_kind(i64(pkt[l4]))
         if k == 0:
             if ct_related_key(pkt, l3 + rd16(pkt, l3 + 2), l4, zone, key):
-                e = tbl_lookup(keys, state, expires, info, key, now)
+                e = _lookup(keys, state, expires, info, key, now)
                 if e >= 0:
                     events[ev0 + E_RELATED] += 1
                     return RELATED, e, 0
@@ -527,7 +531,7 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
         sport = rd16(pkt, l4 + 4)
         dport = sport
     a = ct_make_key(key, zone, proto, src, sport, dst, dport)
-    e = tbl_lookup(keys, state, expires, info, key, now)
+    e = _lookup(keys, state, expires, info, key, now)
     if e < 0:
         if (proto == L.PROTO_TCP and (i64(pkt[l4 + 13]) & (SYN | ACK | RST | FIN)) != SYN) \
                 or (proto == L.PROTO_ICMP and i64(pkt[l4]) == 0):
@@ -558,7 +562,7 @@ def ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now):
     return ct_other(vals, expires, e, d, proto, timeouts, now)
 
 
-@kernel
+@inline_kernel
 def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events, ev0,
               now):
     """:func:`ct_classify`, then :func:`ct_advance` for a packet of a known

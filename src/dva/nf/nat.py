@@ -73,7 +73,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import kernel
+from dva._jit import inline_kernel, kernel
 from dva.nf.base import (
     Device,
     DeviceConfig,
@@ -441,14 +441,22 @@ def _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static, dnat,
     return da, dp
 
 
-@kernel
+@inline_kernel
 def _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey,
              e1, zone, proto, now):
     """Keep E2 and the mapping of connection ``e1`` alive as long as it
-    (:func:`dva.nf.xlat.refresh_due`)."""
+    (:func:`dva.nf.xlat.refresh_due`: inlined, since it runs on every packet; the
+    extension itself, about once per margin, is a call)."""
     exp = refresh_due(vals, expires, e1, now)
-    if exp < 0.0:
-        return
+    if exp >= 0.0:
+        _extend(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey,
+                e1, zone, proto, exp, now)
+
+
+@kernel
+def _extend(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey,
+            e1, zone, proto, exp, now):
+    """Make E2 and the mapping of connection ``e1`` live until ``exp``."""
     touch_e2(keys, state, expires, info, vals, key2, e1, zone, proto, exp, now)
     t = U_T
     if vals[e1, U_O] != vals[e1, t] or vals[e1, U_O + 1] != vals[e1, t + 1]:

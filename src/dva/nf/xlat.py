@@ -9,12 +9,15 @@ and, in E1, until when E2 (and a device's own side tables) were last made to liv
 
 The kernels here rewrite a packet from one space to the other with incremental
 checksum updates (RFC 1624), translate ICMP errors about a connection (RFC 5508:
-outer address, quoted header, checksums), and keep E2 alive as long as E1.
+outer address, quoted header, checksums), and keep E2 alive as long as E1. What
+runs on every packet of a connection (the rewrite, the refresh check) is inlined
+into the devices' kernels: as calls, which pass every array argument field by
+field, they cost about 40 ns per packet each.
 """
 
 from __future__ import annotations
 
-from dva._jit import i64, kernel
+from dva._jit import i64, inline_kernel, kernel
 from dva.nf.conntrack import V_USER, ct_make_key
 from dva.nf.table import tbl_lookup
 from dva.packet import layout as L
@@ -39,7 +42,7 @@ KIND_ORIG, KIND_XLAT = 0, 1
 SLACK = 2.0  # seconds E2 outlives its connection, beyond the refresh margin
 
 
-@kernel
+@inline_kernel
 def l4_csum_off(proto):
     if proto == L.PROTO_TCP:
         return 16
@@ -48,7 +51,7 @@ def l4_csum_off(proto):
     return 2  # ICMP
 
 
-@kernel
+@inline_kernel
 def fix_l4(pkt, l4, end, proto, old, new, is_addr):
     """Update the TCP/UDP/ICMP checksum at ``l4`` (if it lies before ``end``) for one
     changed 32-bit address (pseudo-header: not for ICMP) or 16-bit port/identifier."""
@@ -69,7 +72,7 @@ def fix_l4(pkt, l4, end, proto, old, new, is_addr):
     wr16(pkt, c, 0xFFFF if (proto == L.PROTO_UDP and cs == 0) else cs)
 
 
-@kernel
+@inline_kernel
 def put_endpoint(pkt, l3, l4, end, proto, which, addr, port):
     """Give the header at ``l3`` (transport at ``l4``, bytes up to ``end``) a new
     source (which 0) or destination (1) endpoint, with every checksum it covers."""
@@ -93,7 +96,7 @@ def put_endpoint(pkt, l3, l4, end, proto, which, addr, port):
         fix_l4(pkt, l4, end, proto, oldp, port, False)
 
 
-@kernel
+@inline_kernel
 def read_tuple(pkt, l3, l4, end, proto, tup):
     """(src, sport, dst, dport) into ``tup``; ICMP echo: the identifier both ways;
     fields beyond ``end`` read as 0."""
@@ -109,7 +112,7 @@ def read_tuple(pkt, l3, l4, end, proto, tup):
         tup[3] = tup[1]
 
 
-@kernel
+@inline_kernel
 def xlat_endpoint(vals, e, f, g, a, p):
     """Endpoint (a, p) of space ``f`` (U_O or U_T) in space ``g``: (addr, port)."""
     if a == vals[e, f] and p == vals[e, f + 1]:
@@ -119,7 +122,7 @@ def xlat_endpoint(vals, e, f, g, a, p):
     return a, p
 
 
-@kernel
+@inline_kernel
 def translate(pkt, l3, l4, end, proto, vals, e, f, g, tup):
     """Rewrite the packet's tuple from space ``f`` to space ``g`` of connection e."""
     read_tuple(pkt, l3, l4, end, proto, tup)
@@ -163,7 +166,7 @@ def icmp_error_xlat(data, row, vals, e, tup):
     return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
 
 
-@kernel
+@inline_kernel
 def refresh_due(vals, expires, e1, now):
     """E2 (and a device's side entries) outlive connection ``e1`` by a margin of an
     eighth of its current timeout (1 s to 60 s). Returns the new expiry when it is
