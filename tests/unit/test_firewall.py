@@ -252,10 +252,10 @@ def _bucket_of(rig: Rig, sport: int) -> int:
 
 
 def _next_seq(rig: Rig, sport: int) -> tuple[int, int]:
-    from dva.nf.conntrack import V_END
+    from dva.nf.conntrack import V_END, window_word
     for key, val, _, _ in rig.state.ct.table.entries(2.0):
         if key[2] & 0xFFFF == sport or (key[2] >> 16) == sport:
-            return val[V_END], val[V_END + 1] - 1
+            return window_word(val[V_END], 0), window_word(val[V_END], 1) - 1
     raise AssertionError("connection not found")
 
 

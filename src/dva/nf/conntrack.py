@@ -57,8 +57,8 @@ are never evicted.
 **Values** of an entry (int64 words): ``V_STATE`` (TCP state; UDP/ICMP/other: 0),
 ``V_FLAGS`` (``F_*``), ``V_AUX`` (one word for the owning device, e.g. the firewall
 rule that allowed it), per direction d (0: original, 1: reply) the window tracking
-``V_END + d``, ``V_MAXEND + d``, ``V_MAXWIN + d``, and the window scale in byte
-``d`` of ``V_SCALE``, then
+``V_END``, ``V_MAXEND``, ``V_MAXWIN`` (32-bit values, direction ``d``'s in the
+word's half ``d``), and the window scale in byte ``d`` of ``V_SCALE``, then
 ``user_words`` words for the device (``V_USER``...: the NAT translation).
 
 Counters (``CT_EVENTS``, in the device's counter array from ``ev0`` on): flows
@@ -156,10 +156,12 @@ _TIMEOUT_INDEX = {
 
 # value words
 V_STATE, V_FLAGS, V_AUX = 0, 1, 2
-V_END, V_MAXEND, V_MAXWIN = 3, 5, 7  # + direction (0 or 1)
-V_SCALE = 9  # both directions' window scales: direction d in bits 8d .. 8d + 7
-V_USER = 10
-BASE_WORDS = 10  # with the 6 words of slot state, bucket, expiry and key: 2 cache lines
+# window tracking, one word each for both directions: direction d's 32-bit value in
+# bits 32d .. 32d + 31 (:func:`window_word`)
+V_END, V_MAXEND, V_MAXWIN = 3, 4, 5
+V_SCALE = 6  # both directions' window scales: direction d in bits 8d .. 8d + 7
+V_USER = 7
+BASE_WORDS = 7  # with the 6 words of slot state, bucket, expiry and key: 13 words
 # flags
 F_ORIG_A = 1  # endpoint A opened the connection
 F_REPLIED = 2  # a packet was seen in the reply direction
@@ -318,6 +320,27 @@ def _wscale(pkt, l4, doff):
 
 
 @inline_kernel
+def window_word(w, d):
+    """Direction ``d``'s 32-bit half of a window tracking word."""
+    return (w >> (32 * d)) & M32
+
+
+@inline_kernel
+def _wget(vals, e, f, d):
+    return (vals[e, f] >> (32 * d)) & M32
+
+
+@inline_kernel
+def _wset(vals, e, f, d, v):
+    w = vals[e, f]
+    hi = (w >> 32) & M32
+    lo = w & M32
+    v &= M32
+    # branch-free (d is 0 or 1): see inline_kernel's caution on branching on arguments
+    vals[e, f] = pack32(hi + (v - hi) * d, lo + (v - lo) * (1 - d))
+
+
+@inline_kernel
 def _scale(vals, e, d):
     """The window scale of direction ``d`` (both share the word ``V_SCALE``)."""
     return (vals[e, V_SCALE] >> (8 * d)) & 0xFF
@@ -332,9 +355,9 @@ def _set_scale(vals, e, d, wscale):
 @kernel
 def _syn_window(vals, e, d, end, win, wscale):
     """Window tracking of direction ``d`` starts (again) at its SYN or SYN/ACK."""
-    vals[e, V_END + d] = end
-    vals[e, V_MAXEND + d] = end
-    vals[e, V_MAXWIN + d] = win if win > 0 else 1
+    _wset(vals, e, V_END, d, end)
+    _wset(vals, e, V_MAXEND, d, end)
+    _wset(vals, e, V_MAXWIN, d, win if win > 0 else 1)
     if wscale >= 0:
         vals[e, V_FLAGS] |= F_WSCALE << d
         _set_scale(vals, e, d, wscale)
@@ -354,34 +377,34 @@ def _tcp_window(vals, e, d, state, flags, seq, ack, end, win, wscale):
     """RFC 793 acceptability of a segment in direction ``d`` (the sender), with the
     bookkeeping of Linux's tcp_in_window (no SACK). Returns True if in window."""
     r = 1 - d
-    if vals[e, V_MAXWIN + d] == 0:
+    if _wget(vals, e, V_MAXWIN, d) == 0:
         if flags & SYN:
             _syn_window(vals, e, d, end, win, wscale)
             if not flags & ACK:
                 return True
         else:
-            vals[e, V_END + d] = end
+            _wset(vals, e, V_END, d, end)
             sw = (win << _scale(vals, e, d)) & M32
-            vals[e, V_MAXWIN + d] = sw if sw > 0 else 1
-            vals[e, V_MAXEND + d] = (end + vals[e, V_MAXWIN + d]) & M32
-            if vals[e, V_MAXWIN + r] == 0:
-                vals[e, V_END + r] = ack
-                vals[e, V_MAXEND + r] = ack
+            _wset(vals, e, V_MAXWIN, d, sw if sw > 0 else 1)
+            _wset(vals, e, V_MAXEND, d, (end + _wget(vals, e, V_MAXWIN, d)) & M32)
+            if _wget(vals, e, V_MAXWIN, r) == 0:
+                _wset(vals, e, V_END, r, ack)
+                _wset(vals, e, V_MAXEND, r, ack)
     elif ((state == S_SYN_SENT and d == 0) or (state == S_SYN_RECV and d == 1)) \
-            and _before(vals[e, V_END + d], end):
+            and _before(_wget(vals, e, V_END, d), end):
         _syn_window(vals, e, d, end, win, wscale)  # a new SYN (or SYN/ACK) sequence
     if not flags & ACK:
-        ack = vals[e, V_END + r]
+        ack = _wget(vals, e, V_END, r)
     elif (flags & (ACK | RST)) == (ACK | RST) and ack == 0:
-        ack = vals[e, V_END + r]
+        ack = _wget(vals, e, V_END, r)
     if seq == end and (not flags & RST or (seq == 0 and state == S_SYN_SENT)):
-        seq = vals[e, V_END + d]
+        seq = _wget(vals, e, V_END, d)
         end = seq
-    s_end = vals[e, V_END + d]
-    s_maxend = vals[e, V_MAXEND + d]
-    s_maxwin = vals[e, V_MAXWIN + d]
-    r_end = vals[e, V_END + r]
-    r_maxwin = vals[e, V_MAXWIN + r]
+    s_end = _wget(vals, e, V_END, d)
+    s_maxend = _wget(vals, e, V_MAXEND, d)
+    s_maxwin = _wget(vals, e, V_MAXWIN, d)
+    r_end = _wget(vals, e, V_END, r)
+    r_maxwin = _wget(vals, e, V_MAXWIN, r)
     ackwin = s_maxwin if s_maxwin > MAXACKWIN else MAXACKWIN
     if not (_before(seq, (s_maxend + 1) & M32)
             and _before((s_end - r_maxwin - 1) & M32, end)
@@ -391,14 +414,14 @@ def _tcp_window(vals, e, d, state, flags, seq, ack, end, win, wscale):
     if not flags & SYN:
         win = (win << _scale(vals, e, d)) & M32
     if s_maxwin < win:
-        vals[e, V_MAXWIN + d] = win
+        _wset(vals, e, V_MAXWIN, d, win)
     if _before(s_end, end):
-        vals[e, V_END + d] = end
+        _wset(vals, e, V_END, d, end)
     if r_maxwin != 0 and _before(s_maxend, end):
-        vals[e, V_MAXWIN + r] = (r_maxwin + ((end - s_maxend) & M32)) & M32
+        _wset(vals, e, V_MAXWIN, r, (r_maxwin + ((end - s_maxend) & M32)) & M32)
     top = (ack + win) & M32
-    if _before((vals[e, V_MAXEND + r] - 1) & M32, top):
-        vals[e, V_MAXEND + r] = (top + 1) & M32 if win == 0 else top
+    if _before((_wget(vals, e, V_MAXEND, r) - 1) & M32, top):
+        _wset(vals, e, V_MAXEND, r, (top + 1) & M32 if win == 0 else top)
     return True
 
 
@@ -617,7 +640,7 @@ def _early_drop(keys, vals, state, expires, info, key, now):
     return 0
 
 
-@kernel
+@inline_kernel
 def ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, aux,
               timeouts, events, ev0, now):
     """Create the entry of a NEW packet (key from :func:`ct_packet`); its first packet

@@ -84,7 +84,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import kernel
+from dva._jit import inline_kernel, kernel
 from dva.nf.base import (
     Device,
     DeviceConfig,
@@ -107,8 +107,8 @@ from dva.nf.conntrack import (
     REOPEN,
     SWEEP_BATCH,
     SWEEP_TICK,
+    V_AUX,
     V_FLAGS,
-    V_USER,
     Conntrack,
     check_timeouts,
     ct_advance,
@@ -173,7 +173,7 @@ NOTES = ("", "to the backend", "back from the backend", "passes untracked",
          "new: balanced", "ARP passes", "ICMP error translated")
 N_FWD, N_BACK, N_PASS, N_NEW, N_ARP, N_ICMP = range(1, len(NOTES))
 
-U_BACKEND = V_USER + NUSER  # the backend's number (into Lb.backends)
+U_BACKEND = V_AUX  # the backend's number (into Lb.backends): conntrack's device word
 MAX_VIPS = 1024
 MAX_BACKENDS = 4096
 # vips[] columns, backends[] columns, cfg[]
@@ -317,7 +317,7 @@ class LbState(DeviceState):
     def __init__(self, config: LbConfig) -> None:
         super().__init__(C_BACKENDS + 2 * sum(len(v.backends) for v in config.vips.values()))
         self.config = config
-        self.ct = Conntrack(2 * config.max_flows, user_words=NUSER + 1)
+        self.ct = Conntrack(2 * config.max_flows, user_words=NUSER)
         self.flow_tables["conntrack"] = self.ct.table
         self.health = HashTable(2, 1, MAX_BACKENDS)
         self.shared_tables["health"] = self.health
@@ -384,7 +384,7 @@ def _snat_port(keys, state, expires, info, key2, zone, proto, sa, sp, dp, nda, n
     return -1
 
 
-@kernel
+@inline_kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup, vips,
               backends, maglev, cfg, mask, a_is_src, v, timeouts, events, now):
     """Open the connection of a NEW packet to VIP ``v``: choose its backend, create
