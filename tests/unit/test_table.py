@@ -154,3 +154,27 @@ def test_prefetching_every_slot_and_past_the_end_changes_nothing():
     assert (t.records == before).all()
     assert [int(t.vals[s, 0]) for s in out[:100]] == list(range(100))
     assert (out[100:] == -1).all()
+
+
+def test_connection_records_stay_within_their_cache_lines():
+    """With a million flows every packet's record misses the caches, and each line of
+    it costs a fetch: a firewall's connection record is 2 lines, a NAT's or LB's 3
+    (docs/benchmarks.md). A word added to conntrack or xlat that crosses a line shows
+    here, not only as a slower benchmark."""
+    from dva.nf.conntrack import Conntrack
+    from dva.nf.lb import LbState
+    from dva.nf.nat import NatState
+
+    def lines(t):
+        assert t.records.ctypes.data % 64 == 0  # records start on a line
+        return t.records.strides[0] // 64
+
+    assert lines(Conntrack(16).table) == 2
+    nat = get("nat").config_model.model_validate(
+        {"type": "nat", "ports": ["inside", "outside"], "snat": {"to": "198.51.100.2"}})
+    assert lines(NatState(nat).ct.table) == 3
+    lb = get("lb").config_model.model_validate(
+        {"type": "lb", "ports": ["front", "back"],
+         "vips": {"web": {"addr": "203.0.113.10", "proto": "tcp", "port": 80,
+                          "backends": [{"addr": "10.0.1.1"}]}}})
+    assert lines(LbState(lb).ct.table) == 3
