@@ -76,7 +76,7 @@ def udp_flow_fill():
 def build(flows: int):
     import numpy as np
 
-    from dva._jit import kernel
+    from dva._jit import inline_kernel, kernel
     from dva.graph.appliance import parse_appliance
     from dva.graph.plan import compile_plan
     from dva.nf.conntrack import ct_make_key
@@ -120,22 +120,29 @@ attach:
 
     fill = udp_flow_fill()
 
+    @inline_kernel
+    def flow_key(key, f):
+        ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), SERVER, 53)
+
+    @inline_kernel
+    def op(keys, state, bucket, expires, info, key, f, insert, now):
+        if insert:
+            return tbl_insert(keys, state, bucket, expires, info, key, f & 4095, now + 1e6,
+                              now)
+        return tbl_lookup(keys, state, expires, info, key, now)
+
     @kernel
-    def ct_ops(keys, vals, state, bucket, expires, info, key, ids, insert, now):
+    def ct_ops(keys, state, bucket, expires, info, kbuf, ids, insert, now):
+        """One operation after the other (each waits for its own misses)."""
         done = 0
+        key = kbuf[0]
         for i in range(ids.shape[0]):
-            f = ids[i]
-            ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), SERVER, 53)
-            if insert:
-                e = tbl_insert(keys, state, bucket, expires, info, key, f & 4095, now + 1e6,
-                               now)
-            else:
-                e = tbl_lookup(keys, state, expires, info, key, now)
-            done += e >= 0
+            flow_key(key, ids[i])
+            done += op(keys, state, bucket, expires, info, key, ids[i], insert, now) >= 0
         return done
 
     @kernel
-    def ct_ops_batched(keys, vals, state, bucket, expires, info, kbuf, ids, insert, now):
+    def ct_ops_batched(keys, state, bucket, expires, info, kbuf, ids, insert, now):
         """As the devices do it: keys of a batch (``kbuf``: BATCH rows) built and
         their slots prefetched in one loop, then looked up or inserted."""
         done = 0
@@ -144,21 +151,24 @@ attach:
         for b0 in range(0, n, kbuf.shape[0]):
             b1 = min(b0 + kbuf.shape[0], n)
             for i in range(b0, b1):
-                f = ids[i]
                 key = kbuf[i - b0]
-                ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), SERVER, 53)
+                flow_key(key, ids[i])
                 tbl_prefetch(state, tbl_hash(key) & mask)
             for i in range(b0, b1):
-                key = kbuf[i - b0]
-                if insert:
-                    e = tbl_insert(keys, state, bucket, expires, info, key, ids[i] & 4095,
-                                   now + 1e6, now)
-                else:
-                    e = tbl_lookup(keys, state, expires, info, key, now)
-                done += e >= 0
+                done += op(keys, state, bucket, expires, info, kbuf[i - b0], ids[i],
+                           insert, now) >= 0
         return done
 
     kbuf = np.zeros((BATCH, 3), np.int64)
+
+    def run_ops(t, ids, insert, batched):
+        """Operations per second of inserting (or looking up) the flows ``ids``."""
+        ops = ct_ops_batched if batched else ct_ops
+        t0 = time.perf_counter()
+        n = ops(t.keys, t.state, t.bucket, t.expires, t.info, kbuf, ids, insert, 1.0)
+        rate = len(ids) / (time.perf_counter() - t0)
+        assert n == len(ids)
+        return rate
 
     def fresh_ct(resident=False):
         from dva.nf.conntrack import Conntrack
@@ -199,44 +209,18 @@ attach:
     fill_s = time.perf_counter() - t0
     ct = fresh_ct()
     t = ct.table
-    ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, ct.key, ids[:10], True, 1.0)
-    ct_ops_batched(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, kbuf, ids[:10],
-                   True, 1.0)
-
-    steps = {}
+    for batched in (False, True):  # compile both
+        run_ops(t, ids[:10], True, batched)
 
     def ct_insert(batched, resident):
-        def step():
-            c = fresh_ct(resident)
-            t = c.table
-            t0 = time.perf_counter()
-            if batched:
-                n = ct_ops_batched(t.keys, t.vals, t.state, t.bucket, t.expires, t.info,
-                                   kbuf, order, True, 1.0)
-            else:
-                n = ct_ops(t.keys, t.vals, t.state, t.bucket, t.expires, t.info, c.key,
-                           order, True, 1.0)
-            assert n == flows
-            return flows / (time.perf_counter() - t0)
-        return step
+        return lambda: run_ops(fresh_ct(resident).table, order, True, batched)
 
     lookup_ct = fresh_ct()
     lt = lookup_ct.table
-    ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info, lookup_ct.key, ids,
-           True, 1.0)
+    run_ops(lt, ids, True, False)
 
     def ct_lookup(batched):
-        def step():
-            t0 = time.perf_counter()
-            if batched:
-                n = ct_ops_batched(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires,
-                                   lt.info, kbuf, order, False, 1.0)
-            else:
-                n = ct_ops(lt.keys, lt.vals, lt.state, lt.bucket, lt.expires, lt.info,
-                           lookup_ct.key, order, False, 1.0)
-            assert n == flows
-            return flows / (time.perf_counter() - t0)
-        return step
+        return lambda: run_ops(lt, order, False, batched)
 
     new_flow = [flows]  # ids never seen: each packet opens a flow
 
