@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dva._jit import i64, inline_copy, inline_kernel, kernel
+from dva._jit import i64, inline_kernel, kernel
 from dva.nf.table import (
     I_EXPIRED,
     I_LIVE,
@@ -81,7 +81,7 @@ from dva.nf.table import (
     tbl_delete,
     tbl_hash,
     tbl_insert,
-    tbl_lookup,
+    tbl_lookup_inline,
     tbl_prefetch,
     tbl_sweep,
 )
@@ -176,10 +176,6 @@ CT_EVENTS = ("flows_created", "early_drops", "flows_refused", "invalid", "relate
 
 MAXACKWIN = 66000
 MAX_FLOWS_LIMIT = 1 << 24
-
-# every packet's lookup, inlined into the classification (as a call it passes the
-# table's arrays field by field)
-_lookup = inline_copy(tbl_lookup)
 
 
 def check_timeouts(v: dict[str, float]) -> dict[str, float]:
@@ -327,7 +323,7 @@ def window_word(w, d):
 
 @inline_kernel
 def _wget(vals, e, f, d):
-    return (vals[e, f] >> (32 * d)) & M32
+    return window_word(vals[e, f], d)
 
 
 @inline_kernel
@@ -543,7 +539,7 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
         k = _icmp_kind(i64(pkt[l4]))
         if k == 0:
             if ct_related_key(pkt, l3 + rd16(pkt, l3 + 2), l4, zone, key):
-                e = _lookup(keys, state, expires, info, key, now)
+                e = tbl_lookup_inline(keys, state, expires, info, key, now)
                 if e >= 0:
                     events[ev0 + E_RELATED] += 1
                     return RELATED, e, 0
@@ -554,7 +550,7 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
         sport = rd16(pkt, l4 + 4)
         dport = sport
     a = ct_make_key(key, zone, proto, src, sport, dst, dport)
-    e = _lookup(keys, state, expires, info, key, now)
+    e = tbl_lookup_inline(keys, state, expires, info, key, now)
     if e < 0:
         if (proto == L.PROTO_TCP and (i64(pkt[l4 + 13]) & (SYN | ACK | RST | FIN)) != SYN) \
                 or (proto == L.PROTO_ICMP and i64(pkt[l4]) == 0):
@@ -598,8 +594,17 @@ def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events
     return ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now), e, d
 
 
+@inline_kernel
+def ct_ported(row):
+    """The row is an intact IPv4 TCP or UDP packet: its 5-tuple names a connection
+    (what the run-ahead loops prefetch for)."""
+    proto = row[L.PROTO]
+    return row[L.ETYPE] == L.ETH_IPV4 and row[L.PERR] == L.E_OK and row[L.L4_OFF] >= 0 \
+        and (proto == L.PROTO_TCP or proto == L.PROTO_UDP)
+
+
 @kernel
-def ct_prefetch(keys, vals, state, expires, key, data, meta, n):
+def ct_prefetch(state, key, data, meta, n):
     """Prefetch the table slot each TCP/UDP row of the batch will probe first (every
     line of its record, :func:`dva.nf.table.tbl_prefetch`), in a loop of its own:
     with a table much larger than the caches every lookup misses, and this keeps
@@ -608,15 +613,13 @@ def ct_prefetch(keys, vals, state, expires, key, data, meta, n):
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
-        proto = row[L.PROTO]
-        if row[L.ETYPE] != L.ETH_IPV4 or row[L.PERR] != L.E_OK or row[L.L4_OFF] < 0 \
-                or (proto != L.PROTO_TCP and proto != L.PROTO_UDP):
+        if not ct_ported(row):
             continue
         s0 = row[L.START]
         pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
         l3 = row[L.L3_OFF]
         l4 = row[L.L4_OFF]
-        ct_make_key(key, row[L.TENANT], proto, rd32(pkt, l3 + 12), rd16(pkt, l4),
+        ct_make_key(key, row[L.TENANT], row[L.PROTO], rd32(pkt, l3 + 12), rd16(pkt, l4),
                     rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
         tbl_prefetch(state, tbl_hash(key) & mask)
 

@@ -400,7 +400,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch(keys, vals, state, expires, key, data, meta, n)
+    ct_prefetch(state, key, data, meta, n)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0

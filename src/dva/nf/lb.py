@@ -116,6 +116,7 @@ from dva.nf.conntrack import (
     ct_create,
     ct_delete,
     ct_make_key,
+    ct_ported,
     ct_prefetch,
     ct_sweep,
     pack32,
@@ -483,10 +484,9 @@ def _prefetch_e2(data, meta, n, state, key2, vips, vip_addrs, backends, maglev):
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
-        proto = row[L.PROTO]
-        if row[L.IN_PORT] != 0 or row[L.ETYPE] != L.ETH_IPV4 or row[L.PERR] != L.E_OK \
-                or row[L.L4_OFF] < 0 or (proto != L.PROTO_TCP and proto != L.PROTO_UDP):
+        if row[L.IN_PORT] != 0 or not ct_ported(row):
             continue
+        proto = row[L.PROTO]
         s0 = row[L.START]
         pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
         l3 = row[L.L3_OFF]
@@ -512,7 +512,7 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, key2
               flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(keys, vals, state, expires, key, data, meta, n)
+    ct_prefetch(state, key, data, meta, n)
     fullnat = cfg[G_FULLNAT] != 0
     if not fullnat:
         _prefetch_e2(data, meta, n, state, key2, vips, vip_addrs, backends, maglev)

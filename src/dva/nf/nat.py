@@ -570,7 +570,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
                dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(keys, vals, state, expires, key, data, meta, n)
+    ct_prefetch(state, key, data, meta, n)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0

@@ -31,7 +31,7 @@ import io
 
 import numpy as np
 
-from dva._jit import i64, inline_kernel, kernel, prefetch
+from dva._jit import i64, inline_copy, inline_kernel, kernel, prefetch
 
 EMPTY, USED, TOMB = 0, 1, 2
 # info[] slots
@@ -99,6 +99,11 @@ def tbl_lookup(keys, state, expires, info, key, now):
             return s
         s = (s + 1) & mask
     return -1
+
+
+# the same, inlined into a hot caller (a lookup per packet: as a call it passes the
+# table's arrays field by field)
+tbl_lookup_inline = inline_copy(tbl_lookup)
 
 
 @kernel
