@@ -1,0 +1,191 @@
+"""Where a benchmark scenario's time goes, by compiled kernel and by instruction.
+
+    python benchmarks/profile_kernels.py SCENARIO [--seconds 6] [--top 20]
+                                         [--annotate KERNEL] [--regions 6]
+
+``SCENARIO`` is a scenario of ``services.py`` (``lb_est``, ``vxlan_decap``, ...) or
+``stateful:STEP`` for a step of ``stateful.py`` (``stateful:fw_nat_est``; ``--flows``
+sets its table size). The scenario runs in a loop on CPU 0 while ``perf record -e
+cpu-clock`` samples this process (software clock events: these VMs have no hardware
+counters; install ``linux-perf``). numba's JIT code has no symbols for perf, so the
+script compiles every kernel afresh into an empty numba cache folder (a cached kernel
+keeps no object code to read), writes the object code of each to a folder, and maps
+each sample to the kernel whose code holds it. A kernel another kernel calls is
+linked into the caller's code: its samples are its own line, under its own name.
+
+``--annotate KERNEL`` prints that kernel's hottest 256-byte regions of machine code
+(``objdump -d``) with the samples of each instruction. A sample lands on the
+instruction *after* the one that waited: a load that missed the cache shows as the
+next instruction, a prefetch that found the miss queue full as the one after it.
+
+Needs root (or ``perf_event_paranoid`` <= 1) and ``perf`` and ``objdump`` on the
+PATH. Prints only; nothing is written but the temporary folders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+_TMP = tempfile.mkdtemp(prefix="dva-prof-")
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(_TMP, "numba")  # before numba loads
+
+import argparse  # noqa: E402
+import bisect  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+
+def scenario_step(name: str, flows: int):
+    if name.startswith("stateful:"):
+        import stateful
+        steps, *_ = stateful.build(flows)
+        return steps[name.split(":", 1)[1]]
+    import services
+    sc = services.SCENARIOS[name]()
+    sc.step()
+    sc.check()
+    return sc.step
+
+
+def kernel_symbols(objdir: Path) -> list[tuple[int, int, str, str, int]]:
+    """(address, size, kernel name, object file, offset in it) of every compiled
+    function of every kernel loaded so far."""
+    import numba
+    out, seen = [], set()
+    for mod in list(sys.modules.values()):
+        for disp in list(vars(mod).values()) if mod is not None else ():
+            if not isinstance(disp, numba.core.registry.CPUDispatcher):
+                continue
+            for cres in disp.overloads.values():
+                lib = cres.library
+                if id(lib) in seen:
+                    continue
+                seen.add(id(lib))
+                fn = cres.fndesc.llvm_func_name
+                try:
+                    addr = lib.get_pointer_to_function(fn)
+                    obj = lib._get_compiled_object()
+                except Exception:  # noqa: BLE001 -- compiled elsewhere: no object kept
+                    continue
+                p = objdir / f"{disp.py_func.__name__}_{len(seen)}.o"
+                p.write_bytes(obj)
+                table = {}
+                for ln in subprocess.run(["objdump", "-t", str(p)], capture_output=True,
+                                         text=True).stdout.splitlines():
+                    f = ln.split()
+                    if len(f) >= 6 and "text" in f[-3]:
+                        table[f[-1]] = (int(f[0], 16), int(f[-2], 16))
+                if fn not in table:
+                    continue
+                base = addr - table[fn][0]
+                for sym, (off, size) in table.items():
+                    if size and not sym.startswith(("_ZN7cpython", "cfunc.")):
+                        out.append((base + off, size, _demangle(sym), str(p), off))
+    out.sort()
+    return out
+
+
+def _demangle(sym: str) -> str:
+    """``_ZN3dva2nf2lb9lb_kernelB4v315...`` -> ``dva.nf.lb.lb_kernel``."""
+    if not sym.startswith("_ZN"):
+        return sym[:60]
+    parts, i = [], 3
+    while i < len(sym) and sym[i].isdigit():
+        j = i
+        while sym[j].isdigit():
+            j += 1
+        n = int(sym[i:j])
+        parts.append(sym[j:j + n])
+        i = j + n
+    return ".".join(parts) or sym[:60]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scenario")
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--flows", type=int, default=1_000_000, help="stateful: flows")
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--annotate", default="", help="a kernel name (its last part)")
+    ap.add_argument("--regions", type=int, default=6)
+    a = ap.parse_args()
+    for tool in ("perf", "objdump"):
+        if not shutil.which(tool):
+            ap.error(f"{tool} is not installed")
+    os.sched_setaffinity(0, {0})
+    try:
+        step = scenario_step(a.scenario, a.flows)
+        step()
+        objdir = Path(_TMP) / "obj"
+        objdir.mkdir()
+        syms = kernel_symbols(objdir)
+        data = Path(_TMP) / "perf.data"
+        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "10000", "-p",
+                                 str(os.getpid()), "-o", str(data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        t0 = time.time()
+        while time.time() - t0 < a.seconds:
+            step()
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+        ips = [int(x, 16) for x in subprocess.run(
+            ["perf", "script", "-i", str(data), "-F", "ip"], capture_output=True,
+            text=True).stdout.split()]
+        starts = [s[0] for s in syms]
+        by_kernel: Counter[str] = Counter()
+        by_ins: Counter[tuple[int, int]] = Counter()
+        for ip in ips:
+            j = bisect.bisect_right(starts, ip) - 1
+            if j >= 0 and ip < syms[j][0] + syms[j][1]:
+                by_kernel[syms[j][2]] += 1
+                by_ins[(j, ip - syms[j][0] + syms[j][4])] += 1
+            else:
+                by_kernel["(not a kernel: Python, numpy, the kernel)"] += 1
+        total = max(1, len(ips))
+        print(f"{a.scenario}: {len(ips)} samples over {a.seconds:.0f} s")
+        for name, c in by_kernel.most_common(a.top):
+            print(f"{100 * c / total:6.1f}%  {name}")
+        if a.annotate:
+            _annotate(a.annotate, syms, by_ins, total, a.regions)
+    finally:
+        shutil.rmtree(_TMP, ignore_errors=True)
+
+
+def _annotate(want, syms, by_ins, total, regions) -> None:
+    for j, (_, size, name, path, base) in enumerate(syms):
+        if name.split(".")[-1] != want:
+            continue
+        own = {off: c for (jj, off), c in by_ins.items() if jj == j}
+        n = sum(own.values())
+        print(f"\n{name}: {n} samples ({100 * n / total:.1f}%), its hottest regions")
+        dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-M", "intel",
+                              f"--start-address={base}", f"--stop-address={base + size}",
+                              path], capture_output=True, text=True).stdout
+        ins = [(int(m.group(1), 16), m.group(2)) for m in
+               (re.match(r"\s*([0-9a-f]+):\s+(.*)", ln) for ln in dis.splitlines()) if m]
+        reg: Counter[int] = Counter()
+        for off, _ in ins:
+            reg[(off - base) // 256] += own.get(off, 0)
+        for r, c in reg.most_common(regions):
+            print(f"--- +{r * 256:#x}: {100 * c / max(n, 1):.1f}% of the kernel")
+            for off, text in ins:
+                if r * 256 <= off - base < (r + 1) * 256:
+                    print(f"{own.get(off, 0):7d} {off - base:6x}  {text[:100]}")
+        return
+    print(f"no kernel named {want!r} was sampled")
+
+
+if __name__ == "__main__":
+    main()
