@@ -80,7 +80,7 @@ from dva.nf.table import (
     HashTable,
     tbl_delete,
     tbl_hash,
-    tbl_insert,
+    tbl_insert_inline,
     tbl_lookup_inline,
     tbl_prefetch,
     tbl_sweep,
@@ -656,7 +656,7 @@ def ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row
             return -1
         if dropped == 1:
             events[ev0 + E_EARLY_DROP] += 1
-    e = tbl_insert(keys, state, bucket, expires, info, key, row[L.BUCKET], now, now)
+    e = tbl_insert_inline(keys, state, bucket, expires, info, key, row[L.BUCKET], now, now)
     if e < 0:
         events[ev0 + E_REFUSED] += 1
         return -1

@@ -84,7 +84,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import inline_kernel, kernel
+from dva._jit import i64, inline_kernel, kernel
 from dva.nf.base import (
     Device,
     DeviceConfig,
@@ -96,17 +96,21 @@ from dva.nf.base import (
     two_ports,
 )
 from dva.nf.conntrack import (
+    ACK,
     CT_EVENTS,
     ESTABLISHED,
     F_ORIG_A,
+    FIN,
     FOUND,
     INVALID,
     MAX_FLOWS_LIMIT,
     NEW,
     RELATED,
     REOPEN,
+    RST,
     SWEEP_BATCH,
     SWEEP_TICK,
+    SYN,
     V_AUX,
     V_FLAGS,
     Conntrack,
@@ -128,8 +132,9 @@ from dva.nf.table import (
     HashTable,
     sorted_find,
     tbl_hash,
-    tbl_insert,
+    tbl_insert_inline,
     tbl_lookup,
+    tbl_lookup_inline,
     tbl_prefetch,
 )
 from dva.nf.xlat import (
@@ -415,7 +420,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
             return -1 - D_EXHAUSTED
     else:
         ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
-        if tbl_lookup(keys, state, expires, info, key2, now) >= 0:
+        if tbl_lookup_inline(keys, state, expires, info, key2, now) >= 0:
             return -1 - D_IN_USE
     e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, 0,
                    timeouts, events, 0, now)
@@ -434,8 +439,8 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     vals[e1, U_REFRESH] = 0  # so E2's lifetime is due now
     vals[e1, U_BACKEND] = b
     a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
-    e2 = tbl_insert(keys, state, bucket, expires, info, key2, row[L.BUCKET],
-                    refresh_due(vals, expires, e1, now), now)
+    e2 = tbl_insert_inline(keys, state, bucket, expires, info, key2, row[L.BUCKET],
+                           refresh_due(vals, expires, e1, now), now)
     if e2 < 0:
         ct_delete(state, info, e1)
         return -1 - D_TABLE_FULL
@@ -474,13 +479,16 @@ def _count(vals, e, backends, events):
 
 
 @kernel
-def _prefetch_e2(data, meta, n, state, key2, vips, vip_addrs, backends, maglev):
-    """DNAT: prefetch the slot of each VIP-bound row's translated tuple (E2), whose
-    key the Maglev table gives before any state is read; a new connection probes it
-    (a tuple in use is refused) and inserts there, which otherwise costs a cache
-    miss after the one of E1. A trade, measured (docs/benchmarks.md): a new flow
-    about 140 ns less, a packet of an established flow (whose E2 is not read) about
-    35 ns more (the key, the hash, the lines fetched for nothing)."""
+def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, vips, vip_addrs,
+                 backends, maglev, now):
+    """DNAT: prefetch the translated tuple's slot (E2) of each row that opens a
+    connection to a VIP: a new connection probes that slot (a tuple in use is
+    refused) and inserts there, a cache miss after E1's otherwise. Run after
+    :func:`ct_prefetch`: a row's own entry (E1) is looked up first, and a row that
+    has one (an established flow, whose E2 is not read) costs no Maglev read and no
+    lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
+    are not looked up at all. The lookup may reclaim an expired entry, as the
+    decision loop's own would."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
@@ -491,18 +499,26 @@ def _prefetch_e2(data, meta, n, state, key2, vips, vip_addrs, backends, maglev):
         pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
         l3 = row[L.L3_OFF]
         l4 = row[L.L4_OFF]
+        if proto == L.PROTO_TCP and (i64(pkt[l4 + 13]) & (SYN | ACK | RST | FIN)) != SYN:
+            continue
         dst = rd32(pkt, l3 + 16)
         if sorted_find(vip_addrs, dst) < 0:
             continue
-        v = _find_vip(vips, dst, proto, rd16(pkt, l4 + 2))
+        dp = rd16(pkt, l4 + 2)
+        v = _find_vip(vips, dst, proto, dp)
         if v < 0:
+            continue
+        src = rd32(pkt, l3 + 12)
+        sp = rd16(pkt, l4)
+        ct_make_key(key, row[L.TENANT], proto, src, sp, dst, dp)
+        if tbl_lookup_inline(keys, state, expires, info, key, now) >= 0:
             continue
         j = maglev[v, row[L.HASH] % maglev.shape[1]]
         if j < 0:
             continue
         b = vips[v, V_FIRST] + j
-        ct_make_key(key2, row[L.TENANT], proto, rd32(pkt, l3 + 12), rd16(pkt, l4),
-                    backends[b, B_ADDR], backends[b, B_PORT])
+        ct_make_key(key2, row[L.TENANT], proto, src, sp, backends[b, B_ADDR],
+                    backends[b, B_PORT])
         tbl_prefetch(state, tbl_hash(key2) & mask)
 
 
@@ -515,7 +531,8 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, key2
     ct_prefetch(state, key, data, meta, n)
     fullnat = cfg[G_FULLNAT] != 0
     if not fullnat:
-        _prefetch_e2(data, meta, n, state, key2, vips, vip_addrs, backends, maglev)
+        _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, vips,
+                     vip_addrs, backends, maglev, now)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0

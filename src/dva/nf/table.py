@@ -135,6 +135,11 @@ def tbl_insert(keys, state, bucket, expires, info, key, bkt, exp, now):
     return -1
 
 
+# the same, inlined into the kernels that open connections (a conntrack entry, and a
+# translated connection's E2, per new flow)
+tbl_insert_inline = inline_copy(tbl_insert)
+
+
 @kernel
 def tbl_delete(state, info, slot):
     state[slot] = TOMB
