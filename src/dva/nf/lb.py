@@ -147,6 +147,7 @@ from dva.nf.xlat import (
     U_REFRESH,
     U_T,
     icmp_error_xlat,
+    prefetch_e1,
     read_tuple,
     refresh_due,
     touch_e2,
@@ -479,8 +480,8 @@ def _count(vals, e, backends, events):
 
 
 @kernel
-def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, vips, vip_addrs,
-                 backends, maglev, now):
+def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, vips,
+                 vip_addrs, backends, maglev, now):
     """DNAT: prefetch the translated tuple's slot (E2) of each row that opens a
     connection to a VIP: a new connection probes that slot (a tuple in use is
     refused) and inserts there, a cache miss after E1's otherwise. Run after
@@ -488,10 +489,12 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, vips, vip
     has one (an established flow, whose E2 is not read) costs no Maglev read and no
     lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
     are not looked up at all. The lookup may reclaim an expired entry, as the
-    decision loop's own would."""
+    decision loop's own would. The slots first (``slots``: scratch), then the
+    prefetches (:func:`dva.nf.xlat.prefetch_e1`)."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
+        slots[i] = -1
         if row[L.IN_PORT] != 0 or not ct_ported(row):
             continue
         proto = row[L.PROTO]
@@ -519,19 +522,24 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, vips, vip
         b = vips[v, V_FIRST] + j
         ct_make_key(key2, row[L.TENANT], proto, src, sp, backends[b, B_ADDR],
                     backends[b, B_PORT])
-        tbl_prefetch(state, tbl_hash(key2) & mask)
+        slots[i] = tbl_hash(key2) & mask
+    for i in range(n):
+        if slots[i] >= 0:
+            tbl_prefetch(state, slots[i])
 
 
 @kernel
-def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, key2, tup,
-              vips, vip_addrs, backends, be_addrs, maglev, cfg, mask, timeouts, events,
+def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slots, key2,
+              tup, vips, vip_addrs, backends, be_addrs, maglev, cfg, mask, timeouts, events,
               flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, key, data, meta, n)
+    ct_prefetch(state, key, slots, data, meta, n)
     fullnat = cfg[G_FULLNAT] != 0
+    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, slots, 1,
+                now)
     if not fullnat:
-        _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, vips,
+        _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, vips,
                      vip_addrs, backends, maglev, now)
     for i in range(n):
         row = meta[i]
@@ -742,8 +750,8 @@ class Lb(Device):
         t = state.ct.table
         batch.n = lb_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
-            t.expires, t.info, state.ct.key, state.key2, state.tup, self.vips,
-            self.vip_addrs, self.backends, self.be_addrs, state.maglev, self.cfg,
-            state.bucket_mask, self.timeouts, state.events, state.flags, float(now),
-            SWEEP_BATCH if batch.n else SWEEP_TICK)
+            t.expires, t.info, state.ct.key, state.ct.slots_for(batch.n), state.key2,
+            state.tup, self.vips, self.vip_addrs, self.backends, self.be_addrs,
+            state.maglev, self.cfg, state.bucket_mask, self.timeouts, state.events,
+            state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)
