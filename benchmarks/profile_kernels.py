@@ -140,19 +140,25 @@ def main() -> None:
             step()
         perf.send_signal(signal.SIGINT)
         perf.wait()
-        ips = [int(x, 16) for x in subprocess.run(
-            ["perf", "script", "-i", str(data), "-F", "ip"], capture_output=True,
-            text=True).stdout.split()]
+        ips, dsos = [], []
+        for ln in subprocess.run(["perf", "script", "-i", str(data), "-F", "ip,dso"],
+                                 capture_output=True, text=True).stdout.splitlines():
+            f = ln.split()
+            if f:
+                ips.append(int(f[0], 16))
+                dsos.append(f[-1].strip("()").rsplit("/", 1)[-1])
         starts = [s[0] for s in syms]
         by_kernel: Counter[str] = Counter()
         by_ins: Counter[tuple[int, int]] = Counter()
-        for ip in ips:
+        for ip, dso in zip(ips, dsos):
             j = bisect.bisect_right(starts, ip) - 1
             if j >= 0 and ip < syms[j][0] + syms[j][1]:
                 by_kernel[syms[j][2]] += 1
                 by_ins[(j, ip - syms[j][0] + syms[j][4])] += 1
+            elif dso.startswith("perf-"):  # JIT code of no module-level kernel
+                by_kernel["(a kernel defined inside a function: the benchmark's)"] += 1
             else:
-                by_kernel["(not a kernel: Python, numpy, the kernel)"] += 1
+                by_kernel[f"(not a kernel: {dso})"] += 1
         total = max(1, len(ips))
         print(f"{a.scenario}: {len(ips)} samples over {a.seconds:.0f} s")
         for name, c in by_kernel.most_common(a.top):
@@ -164,27 +170,32 @@ def main() -> None:
 
 
 def _annotate(want, syms, by_ins, total, regions) -> None:
-    for j, (_, size, name, path, base) in enumerate(syms):
-        if name.split(".")[-1] != want:
-            continue
-        own = {off: c for (jj, off), c in by_ins.items() if jj == j}
-        n = sum(own.values())
-        print(f"\n{name}: {n} samples ({100 * n / total:.1f}%), its hottest regions")
-        dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-M", "intel",
-                              f"--start-address={base}", f"--stop-address={base + size}",
-                              path], capture_output=True, text=True).stdout
-        ins = [(int(m.group(1), 16), m.group(2)) for m in
-               (re.match(r"\s*([0-9a-f]+):\s+(.*)", ln) for ln in dis.splitlines()) if m]
-        reg: Counter[int] = Counter()
-        for off, _ in ins:
-            reg[(off - base) // 256] += own.get(off, 0)
-        for r, c in reg.most_common(regions):
-            print(f"--- +{r * 256:#x}: {100 * c / max(n, 1):.1f}% of the kernel")
-            for off, text in ins:
-                if r * 256 <= off - base < (r + 1) * 256:
-                    print(f"{own.get(off, 0):7d} {off - base:6x}  {text[:100]}")
+    own_of: dict[int, dict[int, int]] = {}
+    for (j, off), c in by_ins.items():
+        if syms[j][2].split(".")[-1] == want:
+            own_of.setdefault(j, {})[off] = c
+    if not own_of:
+        print(f"no kernel named {want!r} was sampled")
         return
-    print(f"no kernel named {want!r} was sampled")
+    # the copy (each caller links its own) with the most samples
+    j = max(own_of, key=lambda k: sum(own_of[k].values()))
+    own = own_of[j]
+    _, size, name, path, base = syms[j]
+    n = sum(own.values())
+    print(f"\n{name}: {n} samples ({100 * n / total:.1f}%), its hottest regions")
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-M", "intel",
+                          f"--start-address={base}", f"--stop-address={base + size}",
+                          path], capture_output=True, text=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2)) for m in
+           (re.match(r"\s*([0-9a-f]+):\s+(.*)", ln) for ln in dis.splitlines()) if m]
+    reg: Counter[int] = Counter()
+    for off, _ in ins:
+        reg[(off - base) // 256] += own.get(off, 0)
+    for r, c in reg.most_common(regions):
+        print(f"--- +{r * 256:#x}: {100 * c / max(n, 1):.1f}% of the kernel")
+        for off, text in ins:
+            if r * 256 <= off - base < (r + 1) * 256:
+                print(f"{own.get(off, 0):7d} {off - base:6x}  {text[:100]}")
 
 
 if __name__ == "__main__":

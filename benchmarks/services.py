@@ -33,6 +33,8 @@ Scenarios (``SCENARIOS``: name -> builder; add new ones there):
   that has run a while), emptied in place every 262144 flows (timed too).
 * ``lb_est`` -- frames of random established flows among 100,000 (DNAT): conntrack
   lookup, state update, the rewrite, per-backend counters.
+* ``lb_reply`` -- those flows' replies from their backends (back port): the
+  translated tuple's entry (E2), the rewrite back, the connection's entry (E1).
 
 The lb scenarios write each batch's addresses afresh (the lb rewrites them).
 """
@@ -239,7 +241,56 @@ def _lb_device(max_flows: int):
     return cls("lb", cfg)
 
 
-def _lb_scenario(new_flows: bool, resident: bool = False) -> Scenario:
+def _reply_fill():
+    """``fill(data, slots, starts, ids, k0, ends)``: the batch's frames become
+    flow ``ids[k]``'s reply, from ``ends[f, 0]`` port ``ends[f, 1]`` to ``ends[f, 2]``
+    port ``ends[f, 3]``, header checksum recomputed."""
+    from dva._jit import kernel
+    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+
+    @kernel
+    def fill(data, slots, starts, ids, k0, ends):
+        for i in range(slots.shape[0]):
+            f = ids[(k0 + i) % ids.shape[0]]
+            buf = data[slots[i]]
+            s = starts[i]
+            wr32(buf, s + 26, ends[f, 0])
+            wr32(buf, s + 30, ends[f, 2])
+            wr16(buf, s + 34, ends[f, 1])
+            wr16(buf, s + 36, ends[f, 3])
+            wr16(buf, s + 40, 0)
+            wr16(buf, s + 24, 0)
+            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+    return fill
+
+
+def _lb_reply_ends(state, n: int):
+    """(backend addr, port, client addr, port) of flows 0..n-1 of ``udp_flow_fill``
+    to the VIP, from their E1 entries."""
+    import numpy as np
+
+    from dva._jit import kernel
+    from dva.nf.conntrack import ct_make_key
+    from dva.nf.table import tbl_lookup
+    from dva.nf.xlat import U_O, U_T
+
+    @kernel
+    def ends_of(keys, st, vals, expires, info, key, vip, out):
+        for f in range(out.shape[0]):
+            ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), vip, 53)
+            e = tbl_lookup(keys, st, expires, info, key, 1.0)
+            out[f, 0] = vals[e, U_T + 2]
+            out[f, 1] = vals[e, U_T + 3]
+            out[f, 2] = vals[e, U_O]
+            out[f, 3] = vals[e, U_O + 1]
+
+    t = state.ct.table
+    out = np.zeros((n, 4), np.int64)
+    ends_of(t.keys, t.state, t.vals, t.expires, t.info, np.zeros(3, np.int64), LB_VIP, out)
+    return out
+
+
+def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -> Scenario:
     import numpy as np
     from stateful import udp_flow_fill
 
@@ -266,10 +317,16 @@ def _lb_scenario(new_flows: bool, resident: bool = False) -> Scenario:
     ids = (np.arange(per_run, dtype=np.int64) if new_flows
            else rng.permutation(LB_FLOWS).astype(np.int64))
 
+    rfill = _reply_fill()
+    ends = None  # lb_reply: each flow's (backend, client) endpoints
+
     def batch(k0):
-        fill(data, slots, starts, ids, k0, LB_VIP)
+        if ends is None:
+            fill(data, slots, starts, ids, k0, LB_VIP)
+        else:
+            rfill(data, slots, starts, ids, k0, ends)
         b.n = BATCH
-        meta[:BATCH, L.IN_PORT] = 0
+        meta[:BATCH, L.IN_PORT] = 0 if ends is None else 1
         parse_batch(data, meta, 0, BATCH, 4095)
         dev.process(b, cur["state"], 1.0)
 
@@ -277,6 +334,8 @@ def _lb_scenario(new_flows: bool, resident: bool = False) -> Scenario:
         for k in range(0, LB_FLOWS, BATCH):
             batch(k)
         assert len(cur["state"].ct.table) == 2 * LB_FLOWS
+        if reply:
+            ends = _lb_reply_ends(cur["state"], LB_FLOWS)
 
     if resident:  # the table's pages exist, as in an LB that has run a while
         cur["state"].ct.table.records.fill(0)
@@ -297,7 +356,7 @@ def _lb_scenario(new_flows: bool, resident: bool = False) -> Scenario:
 
     def check():
         got = set(meta[:BATCH, L.VERDICT].tolist())
-        assert got == {1}, f"lb verdicts {got}"
+        assert got == {0 if reply else 1}, f"lb verdicts {got}"
         c = dict(zip(dev.counters, cur["state"].events.tolist()))
         assert c["balanced_flows"] > 0
 
@@ -316,6 +375,10 @@ def lb_est() -> Scenario:
     return _lb_scenario(False)
 
 
+def lb_reply() -> Scenario:
+    return _lb_scenario(False, reply=True)
+
+
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "parse": parse_only,
     "vxlan_encap": vxlan_encap,
@@ -323,6 +386,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "lb_select": lb_select,
     "lb_select_resident": lb_select_resident,
     "lb_est": lb_est,
+    "lb_reply": lb_reply,
 }
 
 

@@ -1,6 +1,6 @@
 """Stateful path on one core, in memory: connection tracking, firewall, firewall + NAT.
 
-    python benchmarks/stateful.py [--flows 1000000] [--runs 5] [--cpu 0]
+    python benchmarks/stateful.py [--flows 1000000] [--runs 5] [--cpu 0] [--only a,b]
                                   [--out benchmarks/results/stateful.json]
 
 Measured, each as the median of ``--runs`` runs interleaved round-robin:
@@ -21,6 +21,11 @@ Measured, each as the median of ``--runs`` runs interleaved round-robin:
 * ``fw_nat_est`` -- parse + firewall + NAT (source NAT, bucket-keeping ports) on
   packets of random established flows among ``--flows`` tracked ones: the edge
   chain's kernels, batch 256, back to back as a worker runs them.
+* ``fw_nat_reply`` -- the same flows' replies (server -> the mapped address and port,
+  NAT then firewall, from their outside ports): the NAT finds the translated tuple's
+  entry (E2) and translates back, then judges the packet by the connection's own
+  entry (E1). Every flow's first reply is sent before the timed runs (the
+  connection's state and timeout change, its E2 and mapping are extended then).
 
 Frames are 64-byte UDP/IPv4 (checksum 0) from 10.x.y.z inside hosts to one server;
 before each pass a small kernel writes the flow's source address and port into the
@@ -73,6 +78,30 @@ def udp_flow_fill():
     return fill
 
 
+def udp_reply_fill():
+    """``fill(data, slots, starts, to, k0, src)``: the batch's frames become replies
+    from ``src`` port 53 to the mapped endpoints ``to[k0:]`` (``addr << 16 | port``;
+    in the order the flows are sent, so that the benchmark's own reads are
+    sequential), header checksum recomputed."""
+    from dva._jit import kernel
+    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+
+    @kernel
+    def fill(data, slots, starts, to, k0, src):
+        for i in range(slots.shape[0]):
+            t = to[(k0 + i) % to.shape[0]]
+            buf = data[slots[i]]
+            s = starts[i]
+            wr32(buf, s + 26, src)
+            wr32(buf, s + 30, t >> 16)
+            wr16(buf, s + 34, 53)
+            wr16(buf, s + 36, t & 0xFFFF)
+            wr16(buf, s + 40, 0)
+            wr16(buf, s + 24, 0)
+            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+    return fill
+
+
 def build(flows: int):
     import numpy as np
 
@@ -81,6 +110,7 @@ def build(flows: int):
     from dva.graph.plan import compile_plan
     from dva.nf.conntrack import ct_make_key
     from dva.nf.table import tbl_hash, tbl_insert, tbl_lookup, tbl_prefetch
+    from dva.nf.xlat import U_T
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
     from dva.packet.build import UDP, Eth, IPv4
@@ -119,6 +149,8 @@ attach:
     slots, starts = meta[:BATCH, L.SLOT].copy(), meta[:BATCH, L.START].copy()
 
     fill = udp_flow_fill()
+    rfill = udp_reply_fill()
+    mapped = np.zeros(flows, np.int64)  # flow -> pack32(its NAT address, port)
 
     @inline_kernel
     def flow_key(key, f):
@@ -182,23 +214,30 @@ attach:
     order = rng.permutation(flows).astype(np.int64)
 
     @kernel
-    def ports_and_drops(meta, n, verdict_ok):
-        """IN_PORT 0 for the next device (the firewall's outside feeds the NAT's
-        inside); counts verdicts other than ``verdict_ok``."""
+    def ports_and_drops(meta, n, verdict_ok, in_port):
+        """IN_PORT ``in_port`` for the next device (the firewall's outside feeds the
+        NAT's inside, the NAT's inside the firewall's outside); counts verdicts other
+        than ``verdict_ok``."""
         bad = 0
         for i in range(n):
             bad += meta[i, L.VERDICT] != verdict_ok
-            meta[i, L.IN_PORT] = 0
+            meta[i, L.IN_PORT] = in_port
         return bad
 
-    def run_batch(devs, k0, which_ids, now):
-        fill(data, slots, starts, which_ids, k0, SERVER)
+    def run_batch(devs, k0, which_ids, now, reply=False):
+        """One batch of flows ``which_ids[k0:]`` through ``devs``: from the inside,
+        or (``reply``) their replies from the outside."""
+        if reply:  # the replies of flows which_ids (always ``order``)
+            rfill(data, slots, starts, mapped_in_order, k0, SERVER)
+        else:
+            fill(data, slots, starts, which_ids, k0, SERVER)
+        into = 1 if reply else 0  # a device's port the batch comes in by
         b.n = BATCH
-        ports_and_drops(meta, BATCH, -999)
+        ports_and_drops(meta, BATCH, -999, into)
         parse_batch(data, meta, 0, BATCH, 4095)
         for dev, st in devs:
             dev.process(b, st, now)
-            if ports_and_drops(meta, BATCH, 1):
+            if ports_and_drops(meta, BATCH, 1 - into, into):
                 raise AssertionError(f"{dev.name} dropped packets: "
                                      f"{set(meta[:BATCH, L.VERDICT].tolist())}")
 
@@ -207,6 +246,23 @@ attach:
     for k in range(0, flows, BATCH):
         run_batch([(fw, fws), (nat, nats)], k, ids, 1.0)
     fill_s = time.perf_counter() - t0
+
+    @kernel
+    def mapped_endpoints(keys, state, vals, expires, info, kbuf, out):
+        """Each flow's translated source (its E1's U_T words), for the replies."""
+        key = kbuf[0]
+        for f in range(out.shape[0]):
+            flow_key(key, f)
+            e = tbl_lookup(keys, state, expires, info, key, 1.0)
+            out[f] = (vals[e, U_T] << 16) | vals[e, U_T + 1]
+
+    nt = nats.ct.table
+    mapped_endpoints(nt.keys, nt.state, nt.vals, nt.expires, nt.info, kbuf, mapped)
+    mapped_in_order = mapped[order]
+    # every flow's first reply (it changes the connection's state and timeout, and
+    # extends E2 and the mapping): fw_nat_reply then measures established replies
+    for k in range(0, flows, BATCH):
+        run_batch([(nat, nats), (fw, fws)], k, order, 2.0, reply=True)
     ct = fresh_ct()
     t = ct.table
     for batched in (False, True):  # compile both
@@ -233,13 +289,13 @@ attach:
             run_batch([(fw, st)], k * BATCH, base, 2.0)
         return nb * BATCH / (time.perf_counter() - t0)
 
-    def established(devs):
+    def established(devs, reply=False):
         def step():
             nb = 2000
             k0 = int(rng.integers(0, flows))
             t0 = time.perf_counter()
             for k in range(nb):
-                run_batch(devs, k0 + k * BATCH, order, 3.0)
+                run_batch(devs, k0 + k * BATCH, order, 3.0, reply)
             return nb * BATCH / (time.perf_counter() - t0)
         return step
 
@@ -249,7 +305,8 @@ attach:
              "ct_lookup": ct_lookup(False), "ct_lookup_batched": ct_lookup(True),
              "fw_new": fw_new,
              "fw_est": established([(fw, fws)]),
-             "fw_nat_est": established([(fw, fws), (nat, nats)])}
+             "fw_nat_est": established([(fw, fws), (nat, nats)]),
+             "fw_nat_reply": established([(nat, nats), (fw, fws)], reply=True)}
     del new_flow
     return steps, fill_s, len(fws.ct.table), len(nats.ct.table)
 
@@ -259,12 +316,17 @@ def main() -> None:
     ap.add_argument("--flows", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cpu", type=int, default=0, help="pin to this CPU (-1: do not)")
+    ap.add_argument("--only", default="", help="comma-separated step names")
     ap.add_argument("--out", default=str(HERE / "results" / "stateful.json"))
     a = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     if a.cpu >= 0:
         os.sched_setaffinity(0, {a.cpu})
     steps, fill_s, fw_n, nat_n = build(a.flows)
+    only = [k for k in a.only.split(",") if k]
+    if set(only) - set(steps):
+        ap.error(f"unknown steps {sorted(set(only) - set(steps))}; known: {', '.join(steps)}")
+    steps = {k: f for k, f in steps.items() if not only or k in only}
     print(f"tables filled: firewall {fw_n} flows, nat {nat_n} entries, in {fill_s:.1f} s")
     rates: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(a.runs):
