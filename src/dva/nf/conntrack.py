@@ -206,10 +206,11 @@ class Conntrack:
         self.table = HashTable(KEY_WORDS, BASE_WORDS + user_words, max_flows)
         self.key = np.zeros(KEY_WORDS, np.int64)  # kernel scratch
         self.key2 = np.zeros(KEY_WORDS, np.int64)
-        self.slots = np.zeros(256, np.int64)  # ct_prefetch's scratch: a slot per row
+        self.slots = np.zeros(256, np.int64)  # kernel scratch: a slot per row of a batch
 
     def slots_for(self, n: int) -> np.ndarray:
-        """:func:`ct_prefetch`'s scratch for a batch of ``n`` rows."""
+        """Scratch of at least ``n`` slots, for a run-ahead loop that computes a batch's
+        slots before it prefetches them (:func:`dva.nf.lb._prefetch_e2`)."""
         if self.slots.shape[0] < n:
             self.slots = np.zeros(max(n, 2 * self.slots.shape[0]), np.int64)
         return self.slots
@@ -611,22 +612,16 @@ def ct_ported(row):
 
 
 @kernel
-def ct_prefetch(state, key, slots, data, meta, n):
+def ct_prefetch(state, key, data, meta, n):
     """Prefetch the table slot each TCP/UDP row of the batch will probe first (every
-    line of its record, :func:`dva.nf.table.tbl_prefetch`): with a table much larger
-    than the caches every lookup misses, and this keeps the misses of the whole
-    batch in flight at once (the decision loop then finds the lines cached).
-
-    Two loops: the rows' slots first (into ``slots``, at least ``n`` long), then the
-    prefetches back to back. Interleaved, each row's reads of its metadata and frame
-    (L1 misses, 40 KB of metadata for 256 rows) queued behind the prefetches already
-    in flight for the core's few miss buffers: 31-45 ns per row against 19 in a
-    probe on the NAT's table with 1M flows."""
+    line of its record, :func:`dva.nf.table.tbl_prefetch`), in a loop of its own:
+    with a table much larger than the caches every lookup misses, and this keeps
+    the misses of the whole batch in flight at once (the decision loop then finds
+    the lines cached)."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
         if not ct_ported(row):
-            slots[i] = -1
             continue
         s0 = row[L.START]
         pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
@@ -634,10 +629,7 @@ def ct_prefetch(state, key, slots, data, meta, n):
         l4 = row[L.L4_OFF]
         ct_make_key(key, row[L.TENANT], row[L.PROTO], rd32(pkt, l3 + 12), rd16(pkt, l4),
                     rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
-        slots[i] = tbl_hash(key) & mask
-    for i in range(n):
-        if slots[i] >= 0:
-            tbl_prefetch(state, slots[i])
+        tbl_prefetch(state, tbl_hash(key) & mask)
 
 
 @kernel

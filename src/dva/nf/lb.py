@@ -490,7 +490,10 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, vi
     lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
     are not looked up at all. The lookup may reclaim an expired entry, as the
     decision loop's own would. The slots first (``slots``: scratch), then the
-    prefetches (:func:`dva.nf.xlat.prefetch_e1`)."""
+    prefetches back to back: interleaved, the lookups' reads queue behind the
+    prefetches in flight (new flows about 15% slower, measured in one process).
+    For ``ct_prefetch`` the same split measured 19% slower on established flows
+    (its key building then overlaps no memory traffic), so that one interleaves."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
@@ -534,10 +537,9 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
               flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, key, slots, data, meta, n)
+    ct_prefetch(state, key, data, meta, n)
     fullnat = cfg[G_FULLNAT] != 0
-    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, slots, 1,
-                now)
+    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now)
     if not fullnat:
         _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, vips,
                      vip_addrs, backends, maglev, now)

@@ -567,13 +567,12 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
 
 @kernel
 def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, mvals,
-               mstate, mbucket, mexp, minfo, key, slots, key2, mkey, tup, pool, pool_h,
-               static, dnat, cfg, mask, timeouts, events, flags, now, sweep):
+               mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static,
+               dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, key, slots, data, meta, n)
-    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, slots, -1,
-                now)
+    ct_prefetch(state, key, data, meta, n)
+    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, -1, now)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0
@@ -728,10 +727,9 @@ class Nat(Device):
         batch.n = nat_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
-            state.ct.key, state.ct.slots_for(batch.n), state.key2, state.mkey, state.tup,
-            self.pool, self.pool_h, self.static, self.dnat, self.cfg, state.bucket_mask,
-            self.timeouts, state.events, state.flags, float(now),
-            SWEEP_BATCH if batch.n else SWEEP_TICK)
+            state.ct.key, state.key2, state.mkey, state.tup, self.pool, self.pool_h,
+            self.static, self.dnat, self.cfg, state.bucket_mask, self.timeouts,
+            state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)
         if m.needs_rebuild():
             m.rebuild(now)

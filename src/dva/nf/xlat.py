@@ -167,21 +167,17 @@ def icmp_error_xlat(data, row, vals, e, tup):
 
 
 @kernel
-def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, slots, in_port,
-                now):
+def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_port, now):
     """Run after :func:`dva.nf.conntrack.ct_prefetch`: look up each TCP/UDP row's
     entry (from port ``in_port``, or any when -1) and, when it is a translated
     tuple's (E2: a reply, or a packet sent to a mapping), prefetch the connection's
     own entry (E1), which the decision loop looks up after translating the packet
     back. Otherwise that second lookup waits for its miss alone, packet after packet
     (the cost of a dependent miss in a table larger than the caches: about 250 ns
-    here). The lookup may reclaim an expired entry, as the decision loop's would.
-    As in ``ct_prefetch``, the slots first (``slots``: scratch, at least ``n``
-    long), then the prefetches: a lookup's reads wait behind prefetches in flight."""
+    here). The lookup may reclaim an expired entry, as the decision loop's would."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
-        slots[i] = -1
         if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
             continue
         s0 = row[L.START]
@@ -198,10 +194,7 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, slot
         o = U_O
         ct_make_key(key2, zone, proto, vals[e, o], vals[e, o + 1], vals[e, o + 2],
                     vals[e, o + 3])
-        slots[i] = tbl_hash(key2) & mask
-    for i in range(n):
-        if slots[i] >= 0:
-            tbl_prefetch(state, slots[i])
+        tbl_prefetch(state, tbl_hash(key2) & mask)
 
 
 @inline_kernel
