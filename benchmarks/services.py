@@ -245,22 +245,16 @@ def _reply_fill():
     """``fill(data, slots, starts, ids, k0, ends)``: the batch's frames become
     flow ``ids[k]``'s reply, from ``ends[f, 0]`` port ``ends[f, 1]`` to ``ends[f, 2]``
     port ``ends[f, 3]``, header checksum recomputed."""
+    from stateful import udp_writer
+
     from dva._jit import kernel
-    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+    put = udp_writer()
 
     @kernel
     def fill(data, slots, starts, ids, k0, ends):
         for i in range(slots.shape[0]):
             f = ids[(k0 + i) % ids.shape[0]]
-            buf = data[slots[i]]
-            s = starts[i]
-            wr32(buf, s + 26, ends[f, 0])
-            wr32(buf, s + 30, ends[f, 2])
-            wr16(buf, s + 34, ends[f, 1])
-            wr16(buf, s + 36, ends[f, 3])
-            wr16(buf, s + 40, 0)
-            wr16(buf, s + 24, 0)
-            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+            put(data[slots[i]], starts[i], ends[f, 0], ends[f, 1], ends[f, 2], ends[f, 3])
     return fill
 
 

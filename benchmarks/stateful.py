@@ -53,6 +53,25 @@ BATCH = 256
 SERVER = 0xC0000209  # 192.0.2.9
 
 
+def udp_writer():
+    """``put(buf, s, src, sport, dst, dport)``, inlined into the fill kernels: the
+    64-byte UDP/IPv4 frame at ``buf[s:]`` gets these addresses and ports, UDP
+    checksum 0 and its IPv4 header checksum recomputed."""
+    from dva._jit import inline_kernel
+    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+
+    @inline_kernel
+    def put(buf, s, src, sport, dst, dport):
+        wr32(buf, s + 26, src)
+        wr32(buf, s + 30, dst)
+        wr16(buf, s + 34, sport)
+        wr16(buf, s + 36, dport)
+        wr16(buf, s + 40, 0)
+        wr16(buf, s + 24, 0)
+        wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+    return put
+
+
 def udp_flow_fill():
     """``fill(data, slots, starts, ids, k0, dst)``: make the batch's 64-byte UDP/IPv4
     frames those of flows ``ids[k0 : k0 + len(slots)]`` (source 10.a.b.c, port 1024 +
@@ -60,21 +79,13 @@ def udp_flow_fill():
     rewrite addresses, so benchmarks write them afresh before every batch (and count
     it in their figures)."""
     from dva._jit import kernel
-    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+    put = udp_writer()
 
     @kernel
     def fill(data, slots, starts, ids, k0, dst):
         for i in range(slots.shape[0]):
             f = ids[(k0 + i) % ids.shape[0]]
-            buf = data[slots[i]]
-            s = starts[i]
-            wr32(buf, s + 26, 0x0A000000 | (f >> 4))
-            wr32(buf, s + 30, dst)
-            wr16(buf, s + 34, 1024 + (f & 15))
-            wr16(buf, s + 36, 53)
-            wr16(buf, s + 40, 0)
-            wr16(buf, s + 24, 0)
-            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+            put(data[slots[i]], starts[i], 0x0A000000 | (f >> 4), 1024 + (f & 15), dst, 53)
     return fill
 
 
@@ -84,21 +95,13 @@ def udp_reply_fill():
     in the order the flows are sent, so that the benchmark's own reads are
     sequential), header checksum recomputed."""
     from dva._jit import kernel
-    from dva.packet.checksum import ipv4_header_checksum, wr16, wr32
+    put = udp_writer()
 
     @kernel
     def fill(data, slots, starts, to, k0, src):
         for i in range(slots.shape[0]):
             t = to[(k0 + i) % to.shape[0]]
-            buf = data[slots[i]]
-            s = starts[i]
-            wr32(buf, s + 26, src)
-            wr32(buf, s + 30, t >> 16)
-            wr16(buf, s + 34, 53)
-            wr16(buf, s + 36, t & 0xFFFF)
-            wr16(buf, s + 40, 0)
-            wr16(buf, s + 24, 0)
-            wr16(buf, s + 24, ipv4_header_checksum(buf[s:], 14))
+            put(data[slots[i]], starts[i], src, 53, t >> 16, t & 0xFFFF)
     return fill
 
 

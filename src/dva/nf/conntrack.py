@@ -611,6 +611,18 @@ def ct_ported(row):
         and (proto == L.PROTO_TCP or proto == L.PROTO_UDP)
 
 
+@inline_kernel
+def ct_row_key(key, data, row):
+    """The key of a TCP/UDP row (:func:`ct_ported`), built from its frame: what the
+    run-ahead loops look up or prefetch."""
+    s0 = row[L.START]
+    pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
+    l3 = row[L.L3_OFF]
+    l4 = row[L.L4_OFF]
+    ct_make_key(key, row[L.TENANT], row[L.PROTO], rd32(pkt, l3 + 12), rd16(pkt, l4),
+                rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
+
+
 @kernel
 def ct_prefetch(state, key, data, meta, n):
     """Prefetch the table slot each TCP/UDP row of the batch will probe first (every
@@ -623,12 +635,7 @@ def ct_prefetch(state, key, data, meta, n):
         row = meta[i]
         if not ct_ported(row):
             continue
-        s0 = row[L.START]
-        pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
-        l3 = row[L.L3_OFF]
-        l4 = row[L.L4_OFF]
-        ct_make_key(key, row[L.TENANT], row[L.PROTO], rd32(pkt, l3 + 12), rd16(pkt, l4),
-                    rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
+        ct_row_key(key, data, row)
         tbl_prefetch(state, tbl_hash(key) & mask)
 
 

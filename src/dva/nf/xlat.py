@@ -18,7 +18,7 @@ field, they cost about 40 ns per packet each.
 from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
-from dva.nf.conntrack import V_USER, ct_make_key, ct_ported
+from dva.nf.conntrack import V_USER, ct_make_key, ct_ported, ct_row_key
 from dva.nf.table import tbl_hash, tbl_lookup, tbl_lookup_inline, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
@@ -180,20 +180,13 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
         row = meta[i]
         if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
             continue
-        s0 = row[L.START]
-        pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
-        l3 = row[L.L3_OFF]
-        l4 = row[L.L4_OFF]
-        zone = row[L.TENANT]
-        proto = row[L.PROTO]
-        ct_make_key(key, zone, proto, rd32(pkt, l3 + 12), rd16(pkt, l4), rd32(pkt, l3 + 16),
-                    rd16(pkt, l4 + 2))
+        ct_row_key(key, data, row)
         e = tbl_lookup_inline(keys, state, expires, info, key, now)
         if e < 0 or vals[e, U_KIND] != KIND_XLAT:
             continue
         o = U_O
-        ct_make_key(key2, zone, proto, vals[e, o], vals[e, o + 1], vals[e, o + 2],
-                    vals[e, o + 3])
+        ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[e, o], vals[e, o + 1],
+                    vals[e, o + 2], vals[e, o + 3])
         tbl_prefetch(state, tbl_hash(key2) & mask)
 
 
