@@ -258,35 +258,9 @@ def _reply_fill():
     return fill
 
 
-def _lb_reply_ends(state, n: int):
-    """(backend addr, port, client addr, port) of flows 0..n-1 of ``udp_flow_fill``
-    to the VIP, from their E1 entries."""
-    import numpy as np
-
-    from dva._jit import kernel
-    from dva.nf.conntrack import ct_make_key
-    from dva.nf.table import tbl_lookup
-    from dva.nf.xlat import U_O, U_T
-
-    @kernel
-    def ends_of(keys, st, vals, expires, info, key, vip, out):
-        for f in range(out.shape[0]):
-            ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), vip, 53)
-            e = tbl_lookup(keys, st, expires, info, key, 1.0)
-            out[f, 0] = vals[e, U_T + 2]
-            out[f, 1] = vals[e, U_T + 3]
-            out[f, 2] = vals[e, U_O]
-            out[f, 3] = vals[e, U_O + 1]
-
-    t = state.ct.table
-    out = np.zeros((n, 4), np.int64)
-    ends_of(t.keys, t.state, t.vals, t.expires, t.info, np.zeros(3, np.int64), LB_VIP, out)
-    return out
-
-
 def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -> Scenario:
     import numpy as np
-    from stateful import udp_flow_fill
+    from stateful import e1_tuples, udp_flow_fill
 
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
@@ -311,8 +285,8 @@ def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -
     ids = (np.arange(per_run, dtype=np.int64) if new_flows
            else rng.permutation(LB_FLOWS).astype(np.int64))
 
-    rfill = _reply_fill()
-    ends = None  # lb_reply: each flow's (backend, client) endpoints
+    rfill = _reply_fill() if reply else None
+    ends = None  # lb_reply: each flow's (backend addr, port, client addr, port)
 
     def batch(k0):
         if ends is None:
@@ -328,8 +302,9 @@ def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -
         for k in range(0, LB_FLOWS, BATCH):
             batch(k)
         assert len(cur["state"].ct.table) == 2 * LB_FLOWS
-        if reply:
-            ends = _lb_reply_ends(cur["state"], LB_FLOWS)
+        if reply:  # from E1: the translated destination, the original source
+            ends = np.ascontiguousarray(
+                e1_tuples(cur["state"].ct.table, LB_FLOWS, LB_VIP)[:, [6, 7, 0, 1]])
 
     if resident:  # the table's pages exist, as in an LB that has run a while
         cur["state"].ct.table.records.fill(0)

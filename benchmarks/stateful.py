@@ -105,6 +105,32 @@ def udp_reply_fill():
     return fill
 
 
+def e1_tuples(table, n: int, dst: int):
+    """The original and translated tuples (``U_O`` and ``U_T`` words: src, sport,
+    dst, dport each) of flows ``0..n-1`` of :func:`udp_flow_fill` to ``dst``, read
+    from their E1 entries in a nat or lb connection table: where replies go."""
+    import numpy as np
+
+    from dva._jit import kernel
+    from dva.nf.conntrack import ct_make_key
+    from dva.nf.table import tbl_lookup
+    from dva.nf.xlat import U_O, U_T
+
+    @kernel
+    def read(keys, state, vals, expires, info, key, dst, out):
+        for f in range(out.shape[0]):
+            ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), dst, 53)
+            e = tbl_lookup(keys, state, expires, info, key, 1.0)
+            for w in range(4):
+                out[f, w] = vals[e, U_O + w]
+                out[f, 4 + w] = vals[e, U_T + w]
+
+    out = np.zeros((n, 8), np.int64)
+    read(table.keys, table.state, table.vals, table.expires, table.info,
+         np.zeros(3, np.int64), dst, out)
+    return out
+
+
 def build(flows: int):
     import numpy as np
 
@@ -113,7 +139,6 @@ def build(flows: int):
     from dva.graph.plan import compile_plan
     from dva.nf.conntrack import ct_make_key
     from dva.nf.table import tbl_hash, tbl_insert, tbl_lookup, tbl_prefetch
-    from dva.nf.xlat import U_T
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
     from dva.packet.build import UDP, Eth, IPv4
@@ -153,7 +178,6 @@ attach:
 
     fill = udp_flow_fill()
     rfill = udp_reply_fill()
-    mapped = np.zeros(flows, np.int64)  # flow -> pack32(its NAT address, port)
 
     @inline_kernel
     def flow_key(key, f):
@@ -230,7 +254,8 @@ attach:
     def run_batch(devs, k0, which_ids, now, reply=False):
         """One batch of flows ``which_ids[k0:]`` through ``devs``: from the inside,
         or (``reply``) their replies from the outside."""
-        if reply:  # the replies of flows which_ids (always ``order``)
+        if reply:  # the replies of flows ``order`` (mapped_in_order is theirs)
+            assert which_ids is order
             rfill(data, slots, starts, mapped_in_order, k0, SERVER)
         else:
             fill(data, slots, starts, which_ids, k0, SERVER)
@@ -250,17 +275,8 @@ attach:
         run_batch([(fw, fws), (nat, nats)], k, ids, 1.0)
     fill_s = time.perf_counter() - t0
 
-    @kernel
-    def mapped_endpoints(keys, state, vals, expires, info, kbuf, out):
-        """Each flow's translated source (its E1's U_T words), for the replies."""
-        key = kbuf[0]
-        for f in range(out.shape[0]):
-            flow_key(key, f)
-            e = tbl_lookup(keys, state, expires, info, key, 1.0)
-            out[f] = (vals[e, U_T] << 16) | vals[e, U_T + 1]
-
-    nt = nats.ct.table
-    mapped_endpoints(nt.keys, nt.state, nt.vals, nt.expires, nt.info, kbuf, mapped)
+    tup = e1_tuples(nats.ct.table, flows, SERVER)  # each flow's NAT address, port
+    mapped = (tup[:, 4] << 16) | tup[:, 5]
     mapped_in_order = mapped[order]
     # every flow's first reply (it changes the connection's state and timeout, and
     # extends E2 and the mapping): fw_nat_reply then measures established replies

@@ -206,14 +206,6 @@ class Conntrack:
         self.table = HashTable(KEY_WORDS, BASE_WORDS + user_words, max_flows)
         self.key = np.zeros(KEY_WORDS, np.int64)  # kernel scratch
         self.key2 = np.zeros(KEY_WORDS, np.int64)
-        self.slots = np.zeros(256, np.int64)  # kernel scratch: a slot per row of a batch
-
-    def slots_for(self, n: int) -> np.ndarray:
-        """Scratch of at least ``n`` slots, for a run-ahead loop that computes a batch's
-        slots before it prefetches them (:func:`dva.nf.lb._prefetch_e2`)."""
-        if self.slots.shape[0] < n:
-            self.slots = np.zeros(max(n, 2 * self.slots.shape[0]), np.int64)
-        return self.slots
 
     @property
     def arrays(self) -> tuple:

@@ -332,7 +332,14 @@ class LbState(DeviceState):
         self.key2 = np.zeros(3, np.int64)
         self.tup = np.zeros(4, np.int64)
         self.flags = np.zeros(1, np.int64)
+        self.slots = np.zeros(256, np.int64)  # _prefetch_e2's scratch: a slot per row
         self.rebuild_tables(0.0)
+
+    def slots_for(self, n: int) -> np.ndarray:
+        """:func:`_prefetch_e2`'s scratch for a batch of ``n`` rows."""
+        if self.slots.shape[0] < n:
+            self.slots = np.zeros(max(n, 2 * self.slots.shape[0]), np.int64)
+        return self.slots
 
     def backend_up(self, vip: Vip, b: Backend, now: float) -> bool:
         """Config says up and the health state, if any, too."""
@@ -752,7 +759,7 @@ class Lb(Device):
         t = state.ct.table
         batch.n = lb_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
-            t.expires, t.info, state.ct.key, state.ct.slots_for(batch.n), state.key2,
+            t.expires, t.info, state.ct.key, state.slots_for(batch.n), state.key2,
             state.tup, self.vips, self.vip_addrs, self.backends, self.be_addrs,
             state.maglev, self.cfg, state.bucket_mask, self.timeouts, state.events,
             state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
