@@ -1,7 +1,7 @@
 """Where a benchmark scenario's time goes, by compiled kernel and by instruction.
 
     python benchmarks/profile_kernels.py SCENARIO [--seconds 6] [--top 20]
-                                         [--annotate KERNEL] [--regions 6]
+                                         [--annotate KERNEL] [--regions 6] [--lines]
 
 ``SCENARIO`` is a scenario of ``services.py`` (``lb_est``, ``vxlan_decap``, ...) or
 ``stateful:STEP`` for a step of ``stateful.py`` (``stateful:fw_nat_est``; ``--flows``
@@ -17,6 +17,12 @@ linked into the caller's code: its samples are its own line, under its own name.
 (``objdump -d``) with the samples of each instruction. A sample lands on the
 instruction *after* the one that waited: a load that missed the cache shows as the
 next instruction, a prefetch that found the miss queue full as the one after it.
+With ``--lines`` the kernels are compiled with debug information
+(``NUMBA_DEBUGINFO=1``) and the annotation is by source line instead (``objdump
+-dl``): the Python lines, of the kernel or of any function inlined into it, that
+hold most of its samples (when more than one of those functions has a line of that
+number, the innermost is shown and the others are named after it). Debug information changes the code generated
+a little; the split between lines is what it is for, not the totals.
 
 Needs root (or ``perf_event_paranoid`` <= 1) and ``perf`` and ``objdump`` on the
 PATH. Prints only; nothing is written but the temporary folders.
@@ -30,6 +36,8 @@ import tempfile
 
 _TMP = tempfile.mkdtemp(prefix="dva-prof-")
 os.environ["NUMBA_CACHE_DIR"] = os.path.join(_TMP, "numba")  # before numba loads
+if "--lines" in sys.argv:
+    os.environ["NUMBA_DEBUGINFO"] = "1"
 
 import argparse  # noqa: E402
 import bisect  # noqa: E402
@@ -119,6 +127,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--annotate", default="", help="a kernel name (its last part)")
     ap.add_argument("--regions", type=int, default=6)
+    ap.add_argument("--lines", action="store_true",
+                    help="annotate by source line (kernels built with debug info)")
     a = ap.parse_args()
     for tool in ("perf", "objdump"):
         if not shutil.which(tool):
@@ -164,12 +174,12 @@ def main() -> None:
         for name, c in by_kernel.most_common(a.top):
             print(f"{100 * c / total:6.1f}%  {name}")
         if a.annotate:
-            _annotate(a.annotate, syms, by_ins, total, a.regions)
+            _annotate(a.annotate, syms, by_ins, total, a.regions, a.lines, a.top)
     finally:
         shutil.rmtree(_TMP, ignore_errors=True)
 
 
-def _annotate(want, syms, by_ins, total, regions) -> None:
+def _annotate(want, syms, by_ins, total, regions, lines=False, top=20) -> None:
     own_of: dict[int, dict[int, int]] = {}
     for (j, off), c in by_ins.items():
         if syms[j][2].split(".")[-1] == want:
@@ -183,9 +193,13 @@ def _annotate(want, syms, by_ins, total, regions) -> None:
     _, size, name, path, base = syms[j]
     n = sum(own.values())
     print(f"\n{name}: {n} samples ({100 * n / total:.1f}%), its hottest regions")
-    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-M", "intel",
-                          f"--start-address={base}", f"--stop-address={base + size}",
-                          path], capture_output=True, text=True).stdout
+    dis = subprocess.run(["objdump", "-d" + ("l" if lines else ""), "--no-show-raw-insn",
+                          "-M", "intel", f"--start-address={base}",
+                          f"--stop-address={base + size}", path],
+                         capture_output=True, text=True).stdout
+    if lines:
+        _by_line(dis, own, n, top, name)
+        return
     ins = [(int(m.group(1), 16), m.group(2)) for m in
            (re.match(r"\s*([0-9a-f]+):\s+(.*)", ln) for ln in dis.splitlines()) if m]
     reg: Counter[int] = Counter()
@@ -197,6 +211,67 @@ def _annotate(want, syms, by_ins, total, regions) -> None:
             if r * 256 <= off - base < (r + 1) * 256:
                 print(f"{own.get(off, 0):7d} {off - base:6x}  {text[:100]}")
 
+
+def _reachable(name: str) -> list[tuple[str, int, int, str]]:
+    """(file, first line, last line, qualified name) of kernel ``name``
+    (``dva.nf.nat.nat_kernel``) and of every jitted function it calls, recursively."""
+    import inspect
+
+    import numba
+    modname, _, fname = name.rpartition(".")
+    root = getattr(sys.modules.get(modname), fname, None)
+    out, todo, seen = [], [root], set()
+    while todo:
+        d = todo.pop()
+        fn = getattr(d, "py_func", None)
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        try:
+            lines, first = inspect.getsourcelines(fn)
+        except (OSError, TypeError):
+            continue
+        out.append((fn.__code__.co_filename, first, first + len(lines) - 1,
+                    f"{fn.__module__}.{fn.__name__}"))
+        for ref in fn.__code__.co_names:
+            g = fn.__globals__.get(ref)
+            if isinstance(g, numba.core.registry.CPUDispatcher):
+                todo.append(g)
+    return out
+
+
+def _by_line(dis: str, own: dict[int, int], n: int, top: int, name: str) -> None:
+    """Samples per source line, from ``objdump -dl`` (a ``file:line`` line precedes
+    the instructions generated for it). numba's debug information names an inlined
+    function's lines by their numbers in its own module but under the caller's file
+    name; each line is therefore shown as the innermost of the kernel's callees
+    (recursively) whose source holds that number, the kernel's own first."""
+    at = ("?", 0)
+    per: Counter[tuple[str, int]] = Counter()
+    for ln in dis.splitlines():
+        m = re.match(r"^(/\S+\.py):(\d+)", ln)
+        if m:
+            at = (m.group(1), int(m.group(2)))
+            continue
+        m = re.match(r"\s*([0-9a-f]+):\s", ln)
+        if m:
+            per[at] += own.get(int(m.group(1), 16), 0)
+    funcs = _reachable(name)
+    for (path, no), c in per.most_common(top):
+        hold = [f for f in funcs if f[1] <= no <= f[2]]
+        mine = [f for f in hold if f[0] == path and f[3] == name]
+        best = mine[0] if mine else min(hold, key=lambda f: f[2] - f[1], default=None)
+        text, where, alt = "", f"{Path(path).name}:{no}", ""
+        if best is not None:
+            where = f"{best[3]}:{no}"
+            try:
+                text = Path(best[0]).read_text().splitlines()[no - 1].strip()
+            except (OSError, IndexError):
+                pass
+            if not mine and len(hold) > 1:
+                alt = "  (or " + ", ".join(sorted({f[3].rpartition(".")[2] for f in hold
+                                                   if f is not best})) + ")"
+        print(f"{100 * c / max(n, 1):5.1f}%  {where}  {text[:60]}{alt}")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,8 @@ Measured, each as the median of ``--runs`` runs interleaved round-robin:
   match, conntrack insert): the rate at which it admits new flows.
 * ``fw_est`` -- parse + the firewall on packets of random established flows among
   ``--flows``: lookups and state updates.
+* ``nat_est`` -- parse + the NAT alone on the same packets (the chain's NAT part,
+  measured by itself: ``fw_nat_est`` costs about ``fw_est`` + ``nat_est`` - a parse).
 * ``fw_nat_est`` -- parse + firewall + NAT (source NAT, bucket-keeping ports) on
   packets of random established flows among ``--flows`` tracked ones: the edge
   chain's kernels, batch 256, back to back as a worker runs them.
@@ -324,6 +326,7 @@ attach:
              "ct_lookup": ct_lookup(False), "ct_lookup_batched": ct_lookup(True),
              "fw_new": fw_new,
              "fw_est": established([(fw, fws)]),
+             "nat_est": established([(nat, nats)]),
              "fw_nat_est": established([(fw, fws), (nat, nats)]),
              "fw_nat_reply": established([(nat, nats), (fw, fws)], reply=True)}
     del new_flow
