@@ -84,9 +84,12 @@ def _csum_tail(pkt, off, rest):
 
 @kernel
 def csum_fold(acc):
-    """Fold a 32+-bit sum into 16 bits and complement it: the value to store."""
-    while acc > 0xFFFF:
-        acc = (acc & 0xFFFF) + (acc >> 16)
+    """Fold a sum (below 2**48) into 16 bits and complement it: the value to store."""
+    # three folds bring any sum below 2**48 to 16 bits (no loop, so it inlines):
+    # checksummed lengths are below 2**32 bytes
+    acc = (acc & 0xFFFF) + (acc >> 16)
+    acc = (acc & 0xFFFF) + (acc >> 16)
+    acc = (acc & 0xFFFF) + (acc >> 16)
     return (~acc) & 0xFFFF
 
 
@@ -94,6 +97,10 @@ def csum_fold(acc):
 def ipv4_header_checksum(pkt, l3):
     """The checksum the IPv4 header at ``l3`` should carry (its own field skipped)."""
     ihl = (i64(pkt[l3]) & 0xF) * 4
+    if ihl == 20:  # no options: the words around the checksum field, no call
+        acc = rd32(pkt, l3) + rd32(pkt, l3 + 4) + rd16(pkt, l3 + 8) \
+            + rd32(pkt, l3 + 12) + rd32(pkt, l3 + 16)
+        return csum_fold(acc)
     acc = csum_add(pkt, l3, 10, 0)
     acc = csum_add(pkt, l3 + 12, ihl - 12, acc)
     return csum_fold(acc)
@@ -102,7 +109,12 @@ def ipv4_header_checksum(pkt, l3):
 @inline_kernel
 def ipv4_header_ok(pkt, l3):
     ihl = (i64(pkt[l3]) & 0xF) * 4
-    return csum_fold(csum_add(pkt, l3, ihl, 0)) == 0
+    if ihl == 20:  # no options (nearly every packet): five words, no call
+        acc = rd32(pkt, l3) + rd32(pkt, l3 + 4) + rd32(pkt, l3 + 8) \
+            + rd32(pkt, l3 + 12) + rd32(pkt, l3 + 16)
+    else:
+        acc = csum_add(pkt, l3, ihl, 0)
+    return csum_fold(acc) == 0
 
 
 @kernel
@@ -134,16 +146,18 @@ def l4_checksum(pkt, l3, l4, l4len, proto, is_v6, csum_off):
     return c
 
 
-@kernel
+@inline_kernel
 def csum_update16(csum, old, new):
     """RFC 1624 eqn. 3: the checksum after one 16-bit word changed from old to new."""
     acc = ((~csum) & 0xFFFF) + ((~old) & 0xFFFF) + (new & 0xFFFF)
-    while acc > 0xFFFF:
-        acc = (acc & 0xFFFF) + (acc >> 16)
+    # at most 3 * 0xFFFF: two folds always suffice (no loop: it is inlined, into the
+    # NAT's rewrite ten times, which called it out of line before)
+    acc = (acc & 0xFFFF) + (acc >> 16)
+    acc = (acc & 0xFFFF) + (acc >> 16)
     return (~acc) & 0xFFFF
 
 
-@kernel
+@inline_kernel
 def csum_update32(csum, old, new):
     """The checksum after one 32-bit field (an IPv4 address) changed."""
     c = csum_update16(csum, (old >> 16) & 0xFFFF, (new >> 16) & 0xFFFF)
