@@ -80,6 +80,7 @@ from dva.nf.table import (
     HashTable,
     tbl_delete,
     tbl_hash,
+    tbl_holds,
     tbl_insert_inline,
     tbl_lookup_inline,
     tbl_prefetch,
@@ -514,13 +515,24 @@ def ct_related_key(pkt, n, l4, zone, key):
 
 @inline_kernel
 def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, now):
+    """:func:`ct_classify_at` without a slot found earlier."""
+    return ct_classify_at(keys, state, vals, expires, info, key, data, row, events, ev0,
+                          now, -1)
+
+
+@inline_kernel
+def ct_classify_at(keys, state, vals, expires, info, key, data, row, events, ev0, now,
+                   hint):
     """Look the IPv4 packet of metadata ``row`` up (parsed: L4 header valid, or a
     protocol without one), without changing any entry. Returns ``(result, entry
     slot, direction)``: ``FOUND`` with the entry and the packet's direction (0:
     original, 1: reply; advance it with :func:`ct_advance`), ``RELATED`` with the
     entry of the connection the ICMP error quotes (its key in ``key``), ``NEW`` (the
     canonical key in ``key``; the direction is 1 when the packet's source is endpoint
-    A, for :func:`ct_create`), ``INVALID`` or ``UNTRACKED``."""
+    A, for :func:`ct_create`), ``INVALID`` or ``UNTRACKED``. ``hint``: the slot a
+    lookup of the row's key found earlier in the batch (a run-ahead loop's), or -1;
+    when it still holds the entry (:func:`dva.nf.table.tbl_holds`) the lookup is
+    skipped."""
     s = row[L.START]
     n = row[L.LEN]
     pkt = data[row[L.SLOT], s:s + n]
@@ -550,7 +562,10 @@ def ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0, n
         sport = rd16(pkt, l4 + 4)
         dport = sport
     a = ct_make_key(key, zone, proto, src, sport, dst, dport)
-    e = tbl_lookup_inline(keys, state, expires, info, key, now)
+    if hint >= 0 and tbl_holds(keys, state, expires, hint, key, now):
+        e = hint
+    else:
+        e = tbl_lookup_inline(keys, state, expires, info, key, now)
     if e < 0:
         if (proto == L.PROTO_TCP and (i64(pkt[l4 + 13]) & (SYN | ACK | RST | FIN)) != SYN) \
                 or (proto == L.PROTO_ICMP and i64(pkt[l4]) == 0):
@@ -699,7 +714,7 @@ def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
 
 
 __all__ = [
-    "Conntrack", "ct_packet", "ct_classify", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
+    "Conntrack", "ct_packet", "ct_classify", "ct_classify_at", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
     "ct_related_key", "timeouts_array", "CT_EVENTS", "DEFAULT_TIMEOUTS", "NEW",
     "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "REOPEN", "MAX_FLOWS_LIMIT",
     "TCP_NEXT", "TCP_STATE_NAMES",

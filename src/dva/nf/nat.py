@@ -103,6 +103,7 @@ from dva.nf.conntrack import (
     check_timeouts,
     ct_advance,
     ct_classify,
+    ct_classify_at,
     ct_create,
     ct_delete,
     ct_make_key,
@@ -123,7 +124,7 @@ from dva.nf.xlat import (
     U_REFRESH,
     U_T,
     icmp_error_xlat,
-    prefetch_e1,
+    prefetch_e1_row,
     read_tuple,
     refresh_due,
     touch_e2,
@@ -328,6 +329,13 @@ class NatState(DeviceState):
         self.mkey = np.zeros(2, np.int64)
         self.tup = np.zeros(4, np.int64)
         self.flags = np.zeros(1, np.int64)
+        self.hints = np.zeros(0, np.int64)  # kernel scratch: a slot per row
+
+    def scratch(self, n: int) -> np.ndarray:
+        """The kernel's per-row scratch (the run-ahead's lookups), for ``n`` rows."""
+        if self.hints.shape[0] < n:
+            self.hints = np.zeros(max(n, 256), np.int64)
+        return self.hints
 
 
 # -- kernels ---------------------------------------------------------------------------
@@ -567,12 +575,14 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
 
 @kernel
 def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, mvals,
-               mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static,
-               dnat, cfg, mask, timeouts, events, flags, now, sweep):
+               mstate, mbucket, mexp, minfo, key, key2, mkey, tup, hints, pool, pool_h,
+               static, dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, key, data, meta, n)
-    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, -1, now)
+    for i in range(n):  # xlat.prefetch_e1, keeping each row's lookup for the decision
+        hints[i] = prefetch_e1_row(data, meta[i], keys, state, vals, expires, info, key,
+                                   key2, -1, now)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0
@@ -594,8 +604,8 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
         if row[L.PFLAGS] & L.F_LATER_FRAG:
             row[L.VERDICT] = drop_code(D_FRAGMENT)
             continue
-        r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events, 0,
-                              now)
+        r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row, events,
+                                 0, now, hints[i])
         if r == RELATED:
             row[L.VERDICT] = icmp_error_xlat(data, row, vals, e, tup)
             row[L.NOTE] = N_ICMP
@@ -727,7 +737,8 @@ class Nat(Device):
         batch.n = nat_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
-            state.ct.key, state.key2, state.mkey, state.tup, self.pool, self.pool_h,
+            state.ct.key, state.key2, state.mkey, state.tup, state.scratch(batch.n),
+            self.pool, self.pool_h,
             self.static, self.dnat, self.cfg, state.bucket_mask, self.timeouts,
             state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)

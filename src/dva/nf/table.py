@@ -83,6 +83,14 @@ def _expire(state, info, slot):
     info[I_EXPIRED] += 1
 
 
+@inline_kernel
+def tbl_holds(keys, state, expires, slot, key, now):
+    """Slot ``slot`` (>= 0) holds the live entry with ``key``: a lookup's result kept
+    from earlier in the batch is still good (it may since have been deleted,
+    reclaimed, or reused for another key)."""
+    return state[slot] == USED and expires[slot] >= now and _key_eq(keys, slot, key)
+
+
 @kernel
 def tbl_lookup(keys, state, expires, info, key, now):
     """Slot of the live entry with ``key``, or -1. Expired entries met are reclaimed."""

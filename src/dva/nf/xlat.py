@@ -175,19 +175,27 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
     back. Otherwise that second lookup waits for its miss alone, packet after packet
     (the cost of a dependent miss in a table larger than the caches: about 250 ns
     here). The lookup may reclaim an expired entry, as the decision loop's would."""
-    mask = state.shape[0] - 1
     for i in range(n):
-        row = meta[i]
-        if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
-            continue
-        ct_row_key(key, data, row)
-        e = tbl_lookup_inline(keys, state, expires, info, key, now)
-        if e < 0 or vals[e, U_KIND] != KIND_XLAT:
-            continue
+        prefetch_e1_row(data, meta[i], keys, state, vals, expires, info, key, key2,
+                        in_port, now)
+
+
+@inline_kernel
+def prefetch_e1_row(data, row, keys, state, vals, expires, info, key, key2, in_port,
+                    now):
+    """:func:`prefetch_e1` for one row; returns the slot its lookup found (-1: none,
+    or the row was not looked up), for the decision loop's
+    :func:`dva.nf.conntrack.ct_classify_at`."""
+    if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
+        return -1
+    ct_row_key(key, data, row)
+    e = tbl_lookup_inline(keys, state, expires, info, key, now)
+    if e >= 0 and vals[e, U_KIND] == KIND_XLAT:
         o = U_O
         ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[e, o], vals[e, o + 1],
                     vals[e, o + 2], vals[e, o + 3])
-        tbl_prefetch(state, tbl_hash(key2) & mask)
+        tbl_prefetch(state, tbl_hash(key2) & (state.shape[0] - 1))
+    return e
 
 
 @inline_kernel
