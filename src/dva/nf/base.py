@@ -122,6 +122,16 @@ class DeviceState:
         self.bucket_mask = 4095  # the engine's flow bucket count - 1 (it sets it)
         self.flow_tables: dict[str, HashTable] = {}
         self.shared_tables: dict[str, HashTable] = {}
+        self._scratch: dict[str, np.ndarray] = {}
+
+    def scratch(self, n: int, name: str = "rows") -> np.ndarray:
+        """A kernel's work array ``name`` of at least ``n`` int64 (kernels do not
+        allocate): e.g. one per row of a batch. Not state: nothing in it outlives
+        the kernel call."""
+        a = self._scratch.get(name)
+        if a is None or a.shape[0] < n:
+            a = self._scratch[name] = np.zeros(max(n, 256), np.int64)
+        return a
 
     # Flow state moves with its buckets.
     def export_flows(self, buckets, now: float) -> bytes:

@@ -329,13 +329,6 @@ class NatState(DeviceState):
         self.mkey = np.zeros(2, np.int64)
         self.tup = np.zeros(4, np.int64)
         self.flags = np.zeros(1, np.int64)
-        self.hints = np.zeros(0, np.int64)  # kernel scratch: a slot per row
-
-    def scratch(self, n: int) -> np.ndarray:
-        """The kernel's per-row scratch (the run-ahead's lookups), for ``n`` rows."""
-        if self.hints.shape[0] < n:
-            self.hints = np.zeros(max(n, 256), np.int64)
-        return self.hints
 
 
 # -- kernels ---------------------------------------------------------------------------
@@ -580,7 +573,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, key, data, meta, n)
-    for i in range(n):  # xlat.prefetch_e1, keeping each row's lookup for the decision
+    for i in range(n):  # E2 rows: prefetch E1; every row: keep its lookup's slot
         hints[i] = prefetch_e1_row(data, meta[i], keys, state, vals, expires, info, key,
                                    key2, -1, now)
     for i in range(n):
@@ -737,7 +730,7 @@ class Nat(Device):
         batch.n = nat_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
-            state.ct.key, state.key2, state.mkey, state.tup, state.scratch(batch.n),
+            state.ct.key, state.key2, state.mkey, state.tup, state.scratch(batch.n, "hints"),
             self.pool, self.pool_h,
             self.static, self.dnat, self.cfg, state.bucket_mask, self.timeouts,
             state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)

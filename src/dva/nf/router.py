@@ -492,7 +492,6 @@ class RouterState(DeviceState):
         self.misc = np.zeros(5, np.int64)
         self.tokens = np.array([config.icmp_rate, 0.0], np.float64)  # tokens, last refill
         self.key = np.zeros(1, np.int64)  # kernel scratch
-        self._scratch = np.zeros(256, np.int64)
         a, p = self.arp, self.pending
         self.arrays = (a.keys, a.vals, a.state, a.bucket, a.expires, a.info,
                        p.keys, p.vals, p.state, p.bucket, p.expires, p.info,
@@ -501,12 +500,6 @@ class RouterState(DeviceState):
     def held_slots(self) -> int:
         """Packet slots the router keeps right now (held for ARP)."""
         return int(self.misc[M_HQN])
-
-    def scratch(self, n: int) -> np.ndarray:
-        """A work array of at least ``n`` int64 (kernels do not allocate)."""
-        if self._scratch.shape[0] < n:
-            self._scratch = np.zeros(max(n, 2 * self._scratch.shape[0]), np.int64)
-        return self._scratch
 
 
 # -- kernels ---------------------------------------------------------------------------
