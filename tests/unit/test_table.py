@@ -178,3 +178,25 @@ def test_connection_records_stay_within_their_cache_lines():
          "vips": {"web": {"addr": "203.0.113.10", "proto": "tcp", "port": 80,
                           "backends": [{"addr": "10.0.1.1"}]}}})
     assert lines(LbState(lb).ct.table) == 3
+
+
+def test_a_kept_lookup_result_is_trusted_only_while_the_slot_still_holds_the_key():
+    """``tbl_holds``: the decision loops of nat and lb start from the slot their
+    run-ahead lookup found earlier in the batch; between the two the entry may have
+    expired, been deleted, or its slot reused for another key."""
+    from dva._jit import kernel
+    from dva.nf.table import tbl_delete, tbl_holds, tbl_lookup
+
+    @kernel
+    def holds(keys, state, expires, slot, key, now):
+        return tbl_holds(keys, state, expires, slot, key, now)
+
+    t = HashTable(2, 1, 16)
+    a, b = np.array([1, 2], np.int64), np.array([3, 4], np.int64)
+    t.put(a, (7,), expires=10.0, now=0.0)
+    s = int(tbl_lookup(t.keys, t.state, t.expires, t.info, a, 1.0))
+    assert s >= 0 and holds(t.keys, t.state, t.expires, s, a, 1.0)
+    assert not holds(t.keys, t.state, t.expires, s, b, 1.0)  # reused for another key
+    assert not holds(t.keys, t.state, t.expires, s, a, 10.5)  # expired since
+    tbl_delete(t.state, t.info, s)
+    assert not holds(t.keys, t.state, t.expires, s, a, 1.0)  # deleted since

@@ -491,8 +491,8 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
     lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
     are not looked up at all. The lookup may reclaim an expired entry, as the
     decision loop's own would; the entry it finds goes to ``hints[i]`` (for
-    :func:`dva.nf.conntrack.ct_classify_at`). The slots first (``slots``: scratch), then the
-    prefetches back to back: interleaved, the lookups' reads queue behind the
+    :func:`dva.nf.conntrack.ct_classify_at`). The slots first (``slots``: scratch),
+    then the prefetches back to back: interleaved, the lookups' reads queue behind the
     prefetches in flight (new flows about 15% slower, measured in one process).
     For ``ct_prefetch`` the same split measured 19% slower on established flows
     (its key building then overlaps no memory traffic), so that one interleaves."""
@@ -537,8 +537,8 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
 
 @kernel
 def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slots, hints,
-              key2, tup, vips, vip_addrs, backends, be_addrs, maglev, cfg, mask, timeouts, events,
-              flags, now, sweep):
+              key2, tup, vips, vip_addrs, backends, be_addrs, maglev, cfg, mask, timeouts,
+              events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, key, data, meta, n)
@@ -759,8 +759,8 @@ class Lb(Device):
         batch.n = lb_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, state.ct.key, state.scratch(batch.n, "slots"),
-            state.scratch(batch.n, "hints"), state.key2,
-            state.tup, self.vips, self.vip_addrs, self.backends, self.be_addrs,
+            state.scratch(batch.n, "hints"), state.key2, state.tup, self.vips,
+            self.vip_addrs, self.backends, self.be_addrs,
             state.maglev, self.cfg, state.bucket_mask, self.timeouts, state.events,
             state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)

@@ -730,9 +730,9 @@ class Nat(Device):
         batch.n = nat_kernel(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
-            state.ct.key, state.key2, state.mkey, state.tup, state.scratch(batch.n, "hints"),
-            self.pool, self.pool_h,
-            self.static, self.dnat, self.cfg, state.bucket_mask, self.timeouts,
+            state.ct.key, state.key2, state.mkey, state.tup,
+            state.scratch(batch.n, "hints"), self.pool, self.pool_h, self.static,
+            self.dnat, self.cfg, state.bucket_mask, self.timeouts,
             state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)
         if m.needs_rebuild():

@@ -85,8 +85,8 @@ def _csum_tail(pkt, off, rest):
 @kernel
 def csum_fold(acc):
     """Fold a sum (below 2**48) into 16 bits and complement it: the value to store."""
-    # three folds bring any sum below 2**48 to 16 bits (no loop, so it inlines):
-    # checksummed lengths are below 2**32 bytes
+    # Three folds bring any sum below 2**48 to 16 bits (no loop, so it inlines). The
+    # sums are of 32-bit words of one frame (at most 64 KiB: 16K words, below 2**46).
     acc = (acc & 0xFFFF) + (acc >> 16)
     acc = (acc & 0xFFFF) + (acc >> 16)
     acc = (acc & 0xFFFF) + (acc >> 16)
