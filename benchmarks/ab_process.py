@@ -32,7 +32,6 @@ import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -66,17 +65,8 @@ def build(names: list[str], flows: int, packets: int) -> dict:
             out[n] = lambda f=stateful_steps[what]: f() / 1e6
         elif kind == "services":
             import services
-            s = services.SCENARIOS[what]()
-
-            def run(s=s):
-                iters = max(1, packets // s.packets)
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    s.step()
-                rate = iters * s.packets / (time.perf_counter() - t0) / 1e6
-                s.check()
-                return rate
-            out[n] = run
+            scenario = services.SCENARIOS[what]()
+            out[n] = lambda s=scenario: services.timed(s, packets)
         else:
             raise SystemExit(f"scenario {n!r}: give services:NAME or stateful:STEP")
     return out

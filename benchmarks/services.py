@@ -361,6 +361,17 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
 
 # -- measuring ---------------------------------------------------------------------------
 
+def timed(s: Scenario, packets: int) -> float:
+    """One run of scenario ``s`` (about ``packets`` packets), checked: its Mpps."""
+    iters = max(1, packets // s.packets)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        s.step()
+    rate = iters * s.packets / (time.perf_counter() - t0) / 1e6
+    s.check()
+    return rate
+
+
 def measure(names: list[str], packets: int, runs: int) -> dict[str, dict]:
     """Median rate per scenario; runs interleaved round-robin so that the machine's
     slow and fast moments hit every scenario alike."""
@@ -372,12 +383,7 @@ def measure(names: list[str], packets: int, runs: int) -> dict[str, dict]:
     rates: dict[str, list[float]] = {k: [] for k in built}
     for _ in range(runs):
         for k, s in built.items():
-            iters = max(1, packets // s.packets)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                s.step()
-            rates[k].append(iters * s.packets / (time.perf_counter() - t0) / 1e6)
-            s.check()
+            rates[k].append(timed(s, packets))
     return {k: {"median": statistics.median(v), "runs": v, "unit": built[k].unit}
             for k, v in rates.items()}
 

@@ -148,7 +148,7 @@ from dva.nf.xlat import (
     U_REFRESH,
     U_T,
     icmp_error_xlat,
-    prefetch_e1_row,
+    prefetch_e1,
     read_tuple,
     refresh_due,
     touch_e2,
@@ -543,9 +543,7 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, key, data, meta, n)
     fullnat = cfg[G_FULLNAT] != 0
-    for i in range(n):  # E2 rows: prefetch E1; every row: keep its lookup's slot
-        hints[i] = prefetch_e1_row(data, meta[i], keys, state, vals, expires, info, key,
-                                   key2, 1, now)
+    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now, hints)
     if not fullnat:
         _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hints,
                      vips, vip_addrs, backends, maglev, now)

@@ -124,7 +124,7 @@ from dva.nf.xlat import (
     U_REFRESH,
     U_T,
     icmp_error_xlat,
-    prefetch_e1_row,
+    prefetch_e1,
     read_tuple,
     refresh_due,
     touch_e2,
@@ -573,9 +573,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, key, data, meta, n)
-    for i in range(n):  # E2 rows: prefetch E1; every row: keep its lookup's slot
-        hints[i] = prefetch_e1_row(data, meta[i], keys, state, vals, expires, info, key,
-                                   key2, -1, now)
+    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, -1, now, hints)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0

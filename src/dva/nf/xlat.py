@@ -166,29 +166,33 @@ def icmp_error_xlat(data, row, vals, e, tup):
     return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
 
 
-@inline_kernel
-def prefetch_e1_row(data, row, keys, state, vals, expires, info, key, key2, in_port,
-                    now):
-    """For a loop over the batch after :func:`dva.nf.conntrack.ct_prefetch`: look up
-    the entry of a TCP/UDP row (from port ``in_port``, or any when -1) and, when it
-    is a translated tuple's (E2: a reply, or a packet sent to a mapping), prefetch
-    the connection's own entry (E1), which the decision loop looks up after
-    translating the packet back. Otherwise that second lookup waits for its miss
-    alone, packet after packet (the cost of a dependent miss in a table larger than
-    the caches: about 250 ns here). Returns the slot the lookup found (-1: none, or
-    the row was not looked up): the decision loop's
-    :func:`dva.nf.conntrack.ct_classify_at` starts from it. The lookup may reclaim
-    an expired entry, as the decision loop's would."""
-    if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
-        return -1
-    ct_row_key(key, data, row)
-    e = tbl_lookup_inline(keys, state, expires, info, key, now)
-    if e >= 0 and vals[e, U_KIND] == KIND_XLAT:
+@kernel
+def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_port, now,
+                hints):
+    """Run after :func:`dva.nf.conntrack.ct_prefetch`: look up each TCP/UDP row's
+    entry (from port ``in_port``, or any when -1) and, when it is a translated
+    tuple's (E2: a reply, or a packet sent to a mapping), prefetch the connection's
+    own entry (E1), which the decision loop looks up after translating the packet
+    back. Otherwise that second lookup waits for its miss alone, packet after packet
+    (the cost of a dependent miss in a table larger than the caches: about 250 ns
+    here). ``hints[i]``: the slot row i's lookup found (-1: none, or the row was not
+    looked up), where the decision loop's :func:`dva.nf.conntrack.ct_classify_at`
+    starts. The lookup may reclaim an expired entry, as the decision loop's would."""
+    mask = state.shape[0] - 1
+    for i in range(n):
+        row = meta[i]
+        hints[i] = -1
+        if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
+            continue
+        ct_row_key(key, data, row)
+        e = tbl_lookup_inline(keys, state, expires, info, key, now)
+        hints[i] = e
+        if e < 0 or vals[e, U_KIND] != KIND_XLAT:
+            continue
         o = U_O
         ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[e, o], vals[e, o + 1],
                     vals[e, o + 2], vals[e, o + 3])
-        tbl_prefetch(state, tbl_hash(key2) & (state.shape[0] - 1))
-    return e
+        tbl_prefetch(state, tbl_hash(key2) & mask)
 
 
 @inline_kernel
