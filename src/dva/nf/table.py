@@ -68,6 +68,17 @@ def tbl_prefetch(state, s):
 
 
 @inline_kernel
+def tbl_prefetch_rest(state, s):
+    """Prefetch the lines of slot ``s``'s record after its first: a lookup that read
+    the first (state and key) found the entry there, in a slot a run-ahead loop's
+    :func:`tbl_prefetch` did not cover whole (a probe went past the home slot, whose
+    next record it fetches only the first line of), and the decision loop reads the
+    value words in the others."""
+    for off in range(64, state.strides[0], 64):
+        prefetch(state, s, off)
+
+
+@inline_kernel
 def _key_eq(keys, slot, key):
     for w in range(key.shape[0]):
         if keys[slot, w] != key[w]:
