@@ -29,7 +29,8 @@ Then what a device pays for one connection lookup, on a real
 :class:`dva.nf.table.HashTable` of the firewall's geometry (3 key words, the
 conntrack's 7 value words: 2 cache lines a record, at half load) with keys of
 established flows, a batch of 256 at a time, as the devices do it: a loop that
-hashes each key and prefetches its slot (:func:`dva.nf.table.tbl_prefetch`), then
+hashes each key and prefetches its home slot's control bytes, a second loop that
+prefetches the record they name (:func:`dva.nf.table.tbl_prefetch_found`), then
 the lookups (:func:`dva.nf.table.tbl_lookup_inline`). Keys come from an array, not
 from frames (no parsing):
 
@@ -87,7 +88,13 @@ def build_kernels():
 
 def build_lookup():
     from dva._jit import kernel
-    from dva.nf.table import tbl_hash, tbl_insert, tbl_lookup_inline, tbl_prefetch
+    from dva.nf.table import (
+        tbl_hash,
+        tbl_insert,
+        tbl_lookup_inline,
+        tbl_prefetch_ctrl,
+        tbl_prefetch_found,
+    )
 
     @kernel
     def look_rows(keys, state, bucket, expires, info, qkeys, insert):
@@ -95,12 +102,13 @@ def build_lookup():
         as a device reads its batch's frames): prefetch each key's slot, then look it
         up (and with ``insert``, put it in when absent). Returns how many were found
         (or inserted)."""
-        mask = state.shape[0] - 1
         done = 0
         for b0 in range(0, qkeys.shape[0], BATCH):
             b1 = min(b0 + BATCH, qkeys.shape[0])
             for i in range(b0, b1):
-                tbl_prefetch(state, tbl_hash(qkeys[i]) & mask)
+                tbl_prefetch_ctrl(state, tbl_hash(qkeys[i]))
+            for i in range(b0, b1):
+                tbl_prefetch_found(state, expires, tbl_hash(qkeys[i]))
             for i in range(b0, b1):
                 k = qkeys[i]
                 s = tbl_lookup_inline(keys, state, expires, info, k, 1.0)

@@ -128,32 +128,99 @@ def test_switch_state_shares_its_mac_table_and_has_no_flow_state():
 
 
 def test_prefetching_every_slot_and_past_the_end_changes_nothing():
-    """``tbl_prefetch`` asks for a record's lines and the next record's first one --
-    for the last slot that is past the array, which a prefetch may do (it never
-    faults); lookups after it find what they found before."""
+    """``tbl_prefetch`` asks for a slot's control byte, its record's lines and the
+    next record's first one -- for the last slot that is past the array, which a
+    prefetch may do (it never faults); ``tbl_prefetch_ctrl`` and
+    ``tbl_prefetch_found`` (the two-pass run-ahead) only read the control bytes.
+    Lookups after them find what they found before."""
     from dva._jit import kernel
-    from dva.nf.table import tbl_hash, tbl_lookup, tbl_prefetch
+    from dva.nf.table import (
+        tbl_hash,
+        tbl_lookup,
+        tbl_prefetch,
+        tbl_prefetch_ctrl,
+        tbl_prefetch_found,
+    )
 
     @kernel
     def prefetch_then_look(keys, state, expires, info, qkeys, now, out):
         mask = state.shape[0] - 1
         for s in range(state.shape[0]):
-            tbl_prefetch(state, s)
+            tbl_prefetch(state, expires, s)
         for i in range(qkeys.shape[0]):
-            tbl_prefetch(state, tbl_hash(qkeys[i]) & mask)
+            tbl_prefetch(state, expires, tbl_hash(qkeys[i]) & mask)
+            tbl_prefetch_ctrl(state, tbl_hash(qkeys[i]))
+        for i in range(qkeys.shape[0]):
+            tbl_prefetch_found(state, expires, tbl_hash(qkeys[i]))
         for i in range(qkeys.shape[0]):
             out[i] = tbl_lookup(keys, state, expires, info, qkeys[i], now)
 
     t = HashTable(2, 1, 100)
     for k in range(100):
         t.put((k, 7 * k), (k,), expires=10.0, now=0.0)
-    before = t.records.copy()
+    before, ctrl = t.records.copy(), t.state.copy()
     q = np.array([(k, 7 * k) for k in range(150)], np.int64)
     out = np.zeros(len(q), np.int64)
     prefetch_then_look(t.keys, t.state, t.expires, t.info, q, 1.0, out)
-    assert (t.records == before).all()
+    assert (t.records == before).all() and (t.state == ctrl).all()
     assert [int(t.vals[s, 0]) for s in out[:100]] == list(range(100))
     assert (out[100:] == -1).all()
+
+
+def test_control_bytes_say_where_a_key_is_or_would_go():
+    """Each slot's control byte is EMPTY, TOMB, or the odd code of its key's hash
+    (``used_code``); from those bytes alone ``tbl_slot_for`` names the slot a key is
+    in, or the one an insert puts it in (the first tombstone or empty slot on its
+    path) -- unless an earlier slot's code matches by chance (one in 64), when it
+    names that slot, whose key differs."""
+    from dva._jit import kernel
+    from dva.nf.table import (
+        EMPTY,
+        TOMB,
+        tbl_delete,
+        tbl_hash,
+        tbl_insert,
+        tbl_lookup,
+        tbl_slot_for,
+        used_code,
+    )
+
+    @kernel
+    def slot_for(state, key):
+        return tbl_slot_for(state, tbl_hash(key))
+
+    @kernel
+    def code(key):
+        return used_code(tbl_hash(key))
+
+    t = HashTable(2, 1, 400)  # 1024 slots
+    keys = [np.array([k, 3 * k + 1], np.int64) for k in range(600)]
+    for k in keys[:300]:
+        assert tbl_insert(t.keys, t.state, t.bucket, t.expires, t.info, k, 0, 10.0,
+                          0.0) >= 0
+    for k in keys[:300:3]:  # tombstones on the probe paths
+        tbl_delete(t.state, t.info, int(tbl_lookup(t.keys, t.state, t.expires, t.info,
+                                                  k, 1.0)))
+    assert set(np.unique(t.state)) <= {EMPTY, TOMB} | {((c << 1) | 1) for c in range(64)}
+    chance = 0
+    for i, k in enumerate(keys):
+        s = int(slot_for(t.state, k))
+        at = int(tbl_lookup(t.keys, t.state, t.expires, t.info, k, 1.0))
+        if at >= 0:  # present: its own slot, with its code
+            assert int(t.state[at]) == int(code(k))
+            if s != at:
+                chance += 1
+                assert int(t.state[s]) == int(code(k)) and list(t.keys[s]) != list(k)
+            continue
+        if t.state[s] & 1:  # absent, and a used slot's code matched by chance
+            chance += 1
+            assert int(t.state[s]) == int(code(k)) and list(t.keys[s]) != list(k)
+            continue
+        if i >= 350:
+            continue  # keep the table as it is for the keys after
+        put = int(tbl_insert(t.keys, t.state, t.bucket, t.expires, t.info, k, 0, 10.0, 0.0))
+        assert put == s and int(t.state[s]) == int(code(k))
+    assert chance < 40  # about one probe in 64 meets a chance match
 
 
 def test_connection_records_stay_within_their_cache_lines():

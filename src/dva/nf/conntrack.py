@@ -76,14 +76,15 @@ from dva.nf.table import (
     I_LIVE,
     I_MAX,
     I_TOMBS,
-    USED,
     HashTable,
+    is_used,
     tbl_delete,
     tbl_hash,
     tbl_holds,
     tbl_insert_inline,
     tbl_lookup_inline,
-    tbl_prefetch,
+    tbl_prefetch_ctrl,
+    tbl_prefetch_found,
     tbl_sweep,
 )
 from dva.packet import layout as L
@@ -631,19 +632,27 @@ def ct_row_key(key, data, row):
 
 
 @kernel
-def ct_prefetch(state, key, data, meta, n):
-    """Prefetch the table slot each TCP/UDP row of the batch will probe first (every
-    line of its record, :func:`dva.nf.table.tbl_prefetch`), in a loop of its own:
-    with a table much larger than the caches every lookup misses, and this keeps
-    the misses of the whole batch in flight at once (the decision loop then finds
-    the lines cached)."""
-    mask = state.shape[0] - 1
+def ct_prefetch(state, expires, key, data, meta, n, hs):
+    """Prefetch the record each TCP/UDP row of the batch will use -- its entry's, or
+    the free slot where its new entry would go -- in loops of their own: with a
+    table much larger than the caches every lookup misses, and this keeps the misses
+    of the whole batch in flight at once (the decision loop then finds the lines
+    cached). Two passes (:mod:`dva.nf.table`): each row's key hashed (into
+    ``hs[i]``, -1 for a row that is not looked up) and its home slot's control bytes
+    fetched, then from those bytes the slot it is in, whose record alone is
+    fetched."""
     for i in range(n):
         row = meta[i]
+        hs[i] = -1
         if not ct_ported(row):
             continue
         ct_row_key(key, data, row)
-        tbl_prefetch(state, tbl_hash(key) & mask)
+        h = tbl_hash(key)
+        hs[i] = h
+        tbl_prefetch_ctrl(state, h)
+    for i in range(n):
+        if hs[i] >= 0:
+            tbl_prefetch_found(state, expires, hs[i])
 
 
 @kernel
@@ -653,7 +662,7 @@ def _early_drop(keys, vals, state, expires, info, key, now):
     mask = state.shape[0] - 1
     s = tbl_hash(key) & mask
     for _ in range(EARLY_DROP_SCAN):
-        if state[s] == USED:
+        if is_used(state[s]):
             if expires[s] < now:
                 tbl_delete(state, info, s)
                 info[I_EXPIRED] += 1

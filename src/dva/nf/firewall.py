@@ -396,11 +396,11 @@ def _reject(data, free, top, meta, i, total, headroom, events):
 
 @kernel
 def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, state,
-                    bucket, expires, info, key, timeouts, events, flags, now, sweep):
+                    bucket, expires, info, key, hs, timeouts, events, flags, now, sweep):
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, key, data, meta, n)
+    ct_prefetch(state, expires, key, data, meta, n, hs)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0
@@ -512,6 +512,6 @@ class Firewall(Device):
         batch.n = firewall_kernel(
             pool.data, pool.free, pool.top, batch.meta, batch.n, pool.headroom, self.rules,
             self.cfg, t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key,
-            self.timeouts, state.events, state.flags, float(now),
+            state.scratch(batch.n, "hash"), self.timeouts, state.events, state.flags, float(now),
             SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)

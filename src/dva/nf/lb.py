@@ -136,7 +136,8 @@ from dva.nf.table import (
     tbl_insert_inline,
     tbl_lookup,
     tbl_lookup_inline,
-    tbl_prefetch,
+    tbl_prefetch_ctrl,
+    tbl_prefetch_found,
 )
 from dva.nf.xlat import (
     KIND_ORIG,
@@ -491,12 +492,9 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
     lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
     are not looked up at all. The lookup may reclaim an expired entry, as the
     decision loop's own would; the entry it finds goes to ``hints[i]`` (for
-    :func:`dva.nf.conntrack.ct_classify_at`). The slots first (``slots``: scratch),
-    then the prefetches back to back: interleaved, the lookups' reads queue behind the
-    prefetches in flight (new flows about 15% slower, measured in one process).
-    For ``ct_prefetch`` the same split measured 19% slower on established flows
-    (its key building then overlaps no memory traffic), so that one interleaves."""
-    mask = state.shape[0] - 1
+    :func:`dva.nf.conntrack.ct_classify_at`). Two passes, as
+    :func:`ct_prefetch`'s: E2's hash (``slots``: scratch) and the control bytes of its
+    home slot, then the record where it will go."""
     for i in range(n):
         row = meta[i]
         slots[i] = -1
@@ -529,10 +527,12 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
         b = vips[v, V_FIRST] + j
         ct_make_key(key2, row[L.TENANT], proto, src, sp, backends[b, B_ADDR],
                     backends[b, B_PORT])
-        slots[i] = tbl_hash(key2) & mask
+        h = tbl_hash(key2)
+        slots[i] = h
+        tbl_prefetch_ctrl(state, h)
     for i in range(n):
-        if slots[i] >= 0:
-            tbl_prefetch(state, slots[i])
+        if slots[i] >= 0:  # the record where E2 will go (dva.nf.table's two passes)
+            tbl_prefetch_found(state, expires, slots[i])
 
 
 @kernel
@@ -541,7 +541,7 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
               events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, key, data, meta, n)
+    ct_prefetch(state, expires, key, data, meta, n, slots)  # slots: its scratch first
     fullnat = cfg[G_FULLNAT] != 0
     prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now, hints)
     if not fullnat:

@@ -572,7 +572,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
                static, dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, key, data, meta, n)
+    ct_prefetch(state, expires, key, data, meta, n, hints)  # hints: its scratch first
     prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, -1, now, hints)
     for i in range(n):
         row = meta[i]

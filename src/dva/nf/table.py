@@ -4,10 +4,17 @@ Every piece of device state that grows with traffic (MAC tables, connection
 tracking, NAT mappings, LB affinity) is one of these, so that bounding, expiry and
 moving state by flow bucket are written once:
 
-* one record per slot (one int64 row, cache-line aligned: state, bucket, expiry,
-  key words, value words), so that a lookup touches one or two cache lines; the
-  kernels take column views of it (``keys``, ``vals``, ``state``, ``bucket``,
+* one record per slot (one int64 row, cache-line aligned: a spare word, bucket,
+  expiry, key words, value words), so that a lookup touches one or two cache lines;
+  the kernels take column views of it (``keys``, ``vals``, ``bucket``,
   ``expires``);
+* and one **control byte** per slot in a dense array of its own (``state``: 64
+  slots a cache line, a few MiB for millions of slots, so it mostly stays cached):
+  ``EMPTY``, ``TOMB``, or for a used slot an odd code carrying 6 bits of the key's
+  hash (:func:`used_code`). A probe reads the control bytes and compares keys only
+  where the code matches; a key that is absent costs no record read, and a run-ahead
+  loop can find the slot a key is in (or would go) and fetch that record alone
+  (:func:`tbl_prefetch_found`);
 * keys are ``key_words`` int64 words, values ``value_words`` int64 words; each entry
   also has the flow ``bucket`` it belongs to (``-1`` for shared, non-flow state) and
   an ``expires`` time (seconds, same clock as ``now``);
@@ -33,7 +40,7 @@ import numpy as np
 
 from dva._jit import i64, inline_copy, inline_kernel, kernel, prefetch
 
-EMPTY, USED, TOMB = 0, 1, 2
+EMPTY, USED, TOMB = 0, 1, 2  # control bytes: USED is the low bit of every used code
 # info[] slots
 I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED = 0, 1, 2, 3, 4
 NINFO = 5
@@ -59,23 +66,71 @@ def tbl_hash(key):
 
 
 @inline_kernel
-def tbl_prefetch(state, s):
-    """Prefetch the record of slot ``s`` (every cache line of it, from its ``state``
-    column view: a row of the records) and the first line of the next one (where a
-    probe goes on): for a loop that runs ahead of lookups in a large table."""
-    for off in range(0, state.strides[0] + 1, 64):
-        prefetch(state, s, off)
+def used_code(h):
+    """The control byte of a used slot whose key hashes to ``h`` (32 bits): odd,
+    with hash bits 26..31, which no slot number of a table of up to 2**26 slots
+    uses."""
+    return ((h >> 26) << 1) | USED
 
 
 @inline_kernel
-def tbl_prefetch_rest(state, s):
-    """Prefetch the lines of slot ``s``'s record after its first: a lookup that read
-    the first (state and key) found the entry there, in a slot a run-ahead loop's
-    :func:`tbl_prefetch` did not cover whole (a probe went past the home slot, whose
-    next record it fetches only the first line of), and the decision loop reads the
-    value words in the others."""
-    for off in range(64, state.strides[0], 64):
-        prefetch(state, s, off)
+def is_used(st):
+    return (st & USED) != 0
+
+
+@inline_kernel
+def _record_lines(expires, s, upto):
+    """Prefetch the record of slot ``s`` (each of its cache lines: ``expires`` is a
+    column view, its rows are the records) and with ``upto`` 1 the next record's
+    first line too."""
+    for off in range(0, expires.strides[0] + upto, 64):
+        prefetch(expires, s, off)
+
+
+@inline_kernel
+def tbl_prefetch(state, expires, s):
+    """Prefetch slot ``s``: its control byte's line, its record whole and the next
+    record's first line (where a probe goes on). For a loop that runs ahead of
+    lookups in a large table, when a second pass (:func:`tbl_prefetch_found`) is not
+    worth it."""
+    prefetch(state, s, 0)
+    _record_lines(expires, s, 1)
+
+
+@inline_kernel
+def tbl_prefetch_ctrl(state, h):
+    """First pass of a two-pass run-ahead: the control bytes of the home slot of a
+    key that hashes to ``h`` (the line a probe of it reads first)."""
+    prefetch(state, h & (state.shape[0] - 1), 0)
+
+
+@inline_kernel
+def tbl_slot_for(state, h):
+    """From the control bytes alone, the slot a key that hashes to ``h`` is in: the
+    first on its probe path whose code matches (a false match is one in 64), else
+    the first free one, where :func:`tbl_insert` would put it."""
+    mask = state.shape[0] - 1
+    u = used_code(h)
+    s = h & mask
+    free = -1
+    for _ in range(state.shape[0]):
+        st = state[s]
+        if st == u:
+            return s
+        if st == EMPTY:
+            return free if free >= 0 else s
+        if free < 0 and not is_used(st):
+            free = s
+        s = (s + 1) & mask
+    return free if free >= 0 else s
+
+
+@inline_kernel
+def tbl_prefetch_found(state, expires, h):
+    """Second pass: the record of :func:`tbl_slot_for` (its control bytes fetched by
+    :func:`tbl_prefetch_ctrl`), whole. A batch's records then come in one miss each,
+    with no line fetched for a slot the probe does not use."""
+    _record_lines(expires, tbl_slot_for(state, h), 0)
 
 
 @inline_kernel
@@ -99,19 +154,21 @@ def tbl_holds(keys, state, expires, slot, key, now):
     """Slot ``slot`` (>= 0) holds the live entry with ``key``: a lookup's result kept
     from earlier in the batch is still good (it may since have been deleted,
     reclaimed, or reused for another key)."""
-    return state[slot] == USED and expires[slot] >= now and _key_eq(keys, slot, key)
+    return is_used(state[slot]) and expires[slot] >= now and _key_eq(keys, slot, key)
 
 
 @kernel
 def tbl_lookup(keys, state, expires, info, key, now):
     """Slot of the live entry with ``key``, or -1. Expired entries met are reclaimed."""
     mask = state.shape[0] - 1
-    s = tbl_hash(key) & mask
+    h = tbl_hash(key)
+    u = used_code(h)
+    s = h & mask
     for _ in range(state.shape[0]):
         st = state[s]
         if st == EMPTY:
             return -1
-        if st == USED and _key_eq(keys, s, key):
+        if st == u and _key_eq(keys, s, key):
             if expires[s] < now:
                 _expire(state, info, s)
                 return -1
@@ -129,21 +186,22 @@ tbl_lookup_inline = inline_copy(tbl_lookup)
 def tbl_insert(keys, state, bucket, expires, info, key, bkt, exp, now):
     """Slot for a new entry with ``key`` (caller checked it is absent), or -1 when full.
 
-    Reuses the first tombstone or expired slot on the probe path.
+    Takes the first tombstone or empty slot on the probe path, seen in the control
+    bytes alone: the slot a run-ahead loop prefetched (:func:`tbl_slot_for`). An
+    expired entry on the way stays until a lookup of its key or the sweep reclaims
+    it (testing each one's expiry would read a record per slot passed).
     """
     if info[I_LIVE] >= info[I_MAX]:
         return -1
     mask = state.shape[0] - 1
-    s = tbl_hash(key) & mask
+    h = tbl_hash(key)
+    s = h & mask
     for _ in range(state.shape[0]):
         st = state[s]
-        if st == USED and expires[s] < now:
-            _expire(state, info, s)
-            st = TOMB
-        if st != USED:
+        if not is_used(st):
             if st == TOMB:
                 info[I_TOMBS] -= 1
-            state[s] = USED
+            state[s] = used_code(h)
             for w in range(key.shape[0]):
                 keys[s, w] = key[w]
             bucket[s] = bkt
@@ -173,7 +231,7 @@ def tbl_sweep(state, expires, info, now, budget):
     c = info[I_CURSOR]
     n = 0
     for _ in range(min(budget, state.shape[0])):
-        if state[c] == USED and expires[c] < now:
+        if is_used(state[c]) and expires[c] < now:
             _expire(state, info, c)
             n += 1
         c = (c + 1) & mask
@@ -185,7 +243,7 @@ def tbl_sweep(state, expires, info, now, budget):
 def _reinsert(keys, vals, state, bucket, expires, info, okeys, ovals, ostate, obucket,
               oexpires, now):
     for s in range(ostate.shape[0]):
-        if ostate[s] == USED and oexpires[s] >= now:
+        if is_used(ostate[s]) and oexpires[s] >= now:
             t = tbl_insert(keys, state, bucket, expires, info, okeys[s], obucket[s],
                            oexpires[s], now)
             for w in range(vals.shape[1]):
@@ -208,7 +266,7 @@ def _import(keys, vals, state, bucket, expires, info, ikeys, ivals, ibucket, iex
     for b0 in range(0, n, IMPORT_BLOCK):
         b1 = min(b0 + IMPORT_BLOCK, n)
         for i in range(b0, b1):
-            tbl_prefetch(state, tbl_hash(ikeys[i]) & mask)
+            tbl_prefetch(state, expires, tbl_hash(ikeys[i]) & mask)
         for i in range(b0, b1):
             if newer_only and iexpires[i] < now:
                 continue
@@ -234,14 +292,15 @@ def _take(records, state, bucket, expires, want, now, out):
     """Copy the records of live entries whose bucket is wanted into ``out``."""
     k = 0
     for s in range(state.shape[0]):
-        if state[s] != USED or expires[s] < now:
+        if not is_used(state[s]) or expires[s] < now:
             continue
         b = bucket[s]
         if b < 0 or b >= want.shape[0] or not want[b]:
             continue
         if k >= out.shape[0]:
             break
-        for w in range(out.shape[1]):
+        out[k, 0] = USED  # the record's first word: the slot's state, for the reader
+        for w in range(1, out.shape[1]):
             out[k, w] = records[s, w]
         k += 1
     return k
@@ -253,7 +312,7 @@ def _remove(state, bucket, expires, info, want, every, now):
     returns how many."""
     n = 0
     for s in range(state.shape[0]):
-        if state[s] != USED or expires[s] < now:
+        if not is_used(state[s]) or expires[s] < now:
             continue
         b = bucket[s]
         if every or (b >= 0 and b < want.shape[0] and want[b]):
@@ -304,16 +363,18 @@ class HashTable:
         self.key_words = key_words
         self.value_words = value_words
         cap = _slots_for(max_entries)
-        # One record per slot, cache-line aligned: state, bucket, expiry, key words,
-        # value words. A lookup then touches one or two cache lines, not one per
-        # array (with a million flows every one of those is a miss). The kernels get
-        # column views of it. Nothing is written here: the zeroed pages stay
-        # unallocated until slots are used (a large idle table costs no memory).
+        # One record per slot, cache-line aligned: a spare word, bucket, expiry, key
+        # words, value words. A lookup then touches one or two cache lines, not one
+        # per array (with a million flows every one of those is a miss). The kernels
+        # get column views of it. The slots' control bytes are a dense array of
+        # their own (see the module's docstring). Nothing is written here: the zeroed
+        # pages stay unallocated until slots are used (a large idle table costs no
+        # memory).
         width = (3 + key_words + value_words + 7) // 8 * 8
         raw = np.zeros(cap * width + 8, np.int64)
         off = (-raw.ctypes.data // 8) % 8
         self.records = raw[off:off + cap * width].reshape(cap, width)
-        self.state = self.records[:, 0]
+        self.state = np.zeros(cap, np.int8)
         self.bucket = self.records[:, 1]  # meaningful in used slots only
         self.expires = self.records[:, 2].view(np.float64)
         self.keys = self.records[:, 3:3 + key_words]
@@ -336,7 +397,11 @@ class HashTable:
 
     def live(self, now: float) -> np.ndarray:
         """Slot numbers of entries alive at ``now``."""
-        return np.flatnonzero((self.state == USED) & (self.expires >= now))
+        return np.flatnonzero(self.used() & (self.expires >= now))
+
+    def used(self) -> np.ndarray:
+        """Which slots hold an entry (live or expired, not yet reclaimed)."""
+        return (self.state & USED) != 0
 
     def entries(self, now: float) -> list[tuple[tuple[int, ...], tuple[int, ...], int, float]]:
         """(key, value, bucket, expires) of every live entry, for tests and display."""
@@ -383,7 +448,7 @@ class HashTable:
 
         Returns how many expired entries it dropped (counted as expired).
         """
-        expired = int(np.count_nonzero((self.state == USED) & (self.expires < now)))
+        expired = int(np.count_nonzero(self.used() & (self.expires < now)))
         self.info[I_EXPIRED] += expired
         old = (self.keys.copy(), self.vals.copy(), self.state.copy(), self.bucket.copy(),
                self.expires.copy())
@@ -396,7 +461,7 @@ class HashTable:
 
     # -- moving state by bucket ---------------------------------------------------
     def select(self, buckets, now: float) -> np.ndarray:
-        sel = (self.state == USED) & (self.expires >= now)
+        sel = self.used() & (self.expires >= now)
         if buckets is not None:
             sel &= np.isin(self.bucket, np.asarray(buckets, np.int64))
         return np.flatnonzero(sel)

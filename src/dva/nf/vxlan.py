@@ -286,19 +286,19 @@ class VxlanState(DeviceState):
                      self.misc, self.key, self.events)
 
 
-def _records(t: HashTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A table's records as int64 and float64, and its info; checked to hold the
-    columns the kernel takes (state, bucket, expiry, key, value)."""
+def _records(t: HashTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A table's records as int64 and float64, its control bytes and its info;
+    checked to hold the columns the kernel takes (bucket, expiry, key, value)."""
     r = t.records
     base = r.__array_interface__["data"][0]
 
     def at(a: np.ndarray) -> int:
         return (a.__array_interface__["data"][0] - base) // 8
 
-    if not (r.flags.c_contiguous and (at(t.state), at(t.bucket), at(t.expires), at(t.keys),
-                                      at(t.vals)) == (0, 1, 2, 3, 4)):
+    if not (r.flags.c_contiguous and (at(t.bucket), at(t.expires), at(t.keys),
+                                      at(t.vals)) == (1, 2, 3, 4)):
         raise AssertionError("HashTable records are not laid out as vxlan_kernel expects")
-    return r, r.view(np.float64), t.info
+    return r, r.view(np.float64), t.state, t.info
 
 
 def _words(a: int) -> int:

@@ -455,15 +455,17 @@ def _decap(data, row, cfg, vtep_ip, vtep_slots, static_mac, mkeys, mvals, mstate
 
 
 @kernel
-def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, minfo, nrec,
-                 nfrec, ninfo, asked, nhc, misc, key, events, now, bucket_mask):
+def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, mstate, minfo,
+                 nrec, nfrec, nstate, ninfo, asked, nhc, misc, key, events, now,
+                 bucket_mask):
     """Decide rows [0, n); append flood replicas and ARP requests. Returns the new row
     count. ``n == 0`` is a tick: ARP for next hops unknown or about to expire.
 
     ``mrec``/``mfrec`` (``nrec``/``nfrec``) are the MAC (neighbour) table's records
-    as int64 and as float64 (:class:`~dva.nf.table.HashTable`: state, bucket, expiry,
-    one key word, one value word): contiguous arrays cost the dispatcher far less than
-    the column views the ``tbl_*`` kernels take, which are taken here.
+    as int64 and as float64 (:class:`~dva.nf.table.HashTable`: a spare word, bucket,
+    expiry, one key word, one value word), ``mstate``/``nstate`` their control bytes:
+    contiguous arrays cost the dispatcher far less than the column views the
+    ``tbl_*`` kernels take, which are taken here.
     """
     cfg = dv[:NCFG]
     nv = dv[G_NV]
@@ -484,12 +486,10 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
     static_vtep = dv[o + nstatic:o + 2 * nstatic]
     o += 2 * nstatic
     vtep_slots = dv[o:o + dv[G_NVH]]
-    mstate = mrec[:, 0]
     mbucket = mrec[:, 1]
     mexp = mfrec[:, 2]
     mkeys = mrec[:, 3:4]
     mvals = mrec[:, 4:5]
-    nstate = nrec[:, 0]
     nbucket = nrec[:, 1]
     nexp = nfrec[:, 2]
     nkeys = nrec[:, 3:4]

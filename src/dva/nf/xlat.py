@@ -24,7 +24,6 @@ from dva.nf.table import (
     tbl_lookup,
     tbl_lookup_inline,
     tbl_prefetch,
-    tbl_prefetch_rest,
 )
 from dva.packet import layout as L
 from dva.packet.checksum import (
@@ -185,12 +184,9 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
     looked up), where the decision loop's :func:`dva.nf.conntrack.ct_classify_at`
     starts. The lookup may reclaim an expired entry, as the decision loop's would.
 
-    The lookups come first, in a loop of their own, and each prefetches the rest of
-    the record it found (:func:`dva.nf.table.tbl_prefetch_rest`): an entry past its
-    home slot (a third or so at half load) had only its first line fetched ahead,
-    and the decision loop reads the value words in the others. Reading a row's
-    ``U_KIND`` in the same loop would wait for that line at once; in a second loop
-    over the rows the lines have come."""
+    The lookups come first, in a loop of their own: reading a row's ``U_KIND`` (in
+    its record's second line) in the same loop would wait for that line at once; in
+    a second loop over the rows the lines have come."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
@@ -200,8 +196,6 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
         ct_row_key(key, data, row)
         e = tbl_lookup_inline(keys, state, expires, info, key, now)
         hints[i] = e
-        if e >= 0:
-            tbl_prefetch_rest(state, e)
     for i in range(n):
         e = hints[i]
         if e < 0 or vals[e, U_KIND] != KIND_XLAT:
@@ -210,7 +204,7 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
         o = U_O
         ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[e, o], vals[e, o + 1],
                     vals[e, o + 2], vals[e, o + 3])
-        tbl_prefetch(state, tbl_hash(key2) & mask)
+        tbl_prefetch(state, expires, tbl_hash(key2) & mask)
 
 
 @inline_kernel

@@ -53,8 +53,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dva.nf.table import USED
-
 MAGIC = b"DVA-STATE 1\n"
 SAVE_INTERVAL = 0.5
 MAX_HEADER = 4096
@@ -131,7 +129,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def shift_times(state, delta: float) -> None:
     """Move the expiry of every entry of ``state``'s shared tables by ``delta``."""
     for t in state.shared_tables.values():
-        used = t.state == USED
+        used = t.used()
         t.expires[used] += delta
 
 
