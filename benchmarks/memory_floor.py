@@ -87,6 +87,8 @@ def build_kernels():
 
 
 def build_lookup():
+    import numpy as np
+
     from dva._jit import kernel
     from dva.nf.table import (
         tbl_hash,
@@ -97,18 +99,19 @@ def build_lookup():
     )
 
     @kernel
-    def look_rows(keys, state, bucket, expires, info, qkeys, insert):
+    def look_rows(keys, state, bucket, expires, info, qkeys, insert, hs):
         """Batches of ``BATCH`` keys ``qkeys`` (in the order given: read in sequence,
-        as a device reads its batch's frames): prefetch each key's slot, then look it
-        up (and with ``insert``, put it in when absent). Returns how many were found
-        (or inserted)."""
+        as a device reads its batch's frames): prefetch each key's slot in two passes
+        (``hs``: the hashes), then look it up (and with ``insert``, put it in when
+        absent). Returns how many were found (or inserted)."""
         done = 0
         for b0 in range(0, qkeys.shape[0], BATCH):
             b1 = min(b0 + BATCH, qkeys.shape[0])
             for i in range(b0, b1):
-                tbl_prefetch_ctrl(state, tbl_hash(qkeys[i]))
+                hs[i - b0] = tbl_hash(qkeys[i])
+                tbl_prefetch_ctrl(state, hs[i - b0])
             for i in range(b0, b1):
-                tbl_prefetch_found(state, expires, tbl_hash(qkeys[i]))
+                tbl_prefetch_found(state, expires, hs[i - b0])
             for i in range(b0, b1):
                 k = qkeys[i]
                 s = tbl_lookup_inline(keys, state, expires, info, k, 1.0)
@@ -117,7 +120,9 @@ def build_lookup():
                 done += s >= 0
         return done
 
-    return look_rows
+    hs = np.zeros(BATCH, np.int64)
+    return lambda keys, state, bucket, expires, info, qkeys, insert: look_rows(
+        keys, state, bucket, expires, info, qkeys, insert, hs)
 
 
 def lookup_tables(flows: int, new: int):
