@@ -19,12 +19,7 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
 from dva.nf.conntrack import V_USER, ct_make_key, ct_ported, ct_row_key
-from dva.nf.table import (
-    tbl_hash,
-    tbl_lookup,
-    tbl_lookup_inline,
-    tbl_prefetch,
-)
+from dva.nf.table import tbl_hash, tbl_lookup, tbl_lookup_inline, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
