@@ -30,7 +30,7 @@ Then what a device pays for one connection lookup, on a real
 conntrack's 7 value words: 2 cache lines a record, at half load) with keys of
 established flows, a batch of 256 at a time, as the devices do it: a loop that
 hashes each key and prefetches its home slot's control bytes, a second loop that
-prefetches the record they name (:func:`dva.nf.table.tbl_prefetch_found`), then
+prefetches the record they name (:func:`dva.nf.table.tbl_prefetch_found_rows`), then
 the lookups (:func:`dva.nf.table.tbl_lookup_inline`). Keys come from an array, not
 from frames (no parsing):
 
@@ -95,7 +95,7 @@ def build_lookup():
         tbl_insert,
         tbl_lookup_inline,
         tbl_prefetch_ctrl,
-        tbl_prefetch_found,
+        tbl_prefetch_found_rows,
     )
 
     @kernel
@@ -110,8 +110,7 @@ def build_lookup():
             for i in range(b0, b1):
                 hs[i - b0] = tbl_hash(qkeys[i])
                 tbl_prefetch_ctrl(state, hs[i - b0])
-            for i in range(b0, b1):
-                tbl_prefetch_found(state, expires, hs[i - b0])
+            tbl_prefetch_found_rows(state, expires, hs, b1 - b0)
             for i in range(b0, b1):
                 k = qkeys[i]
                 s = tbl_lookup_inline(keys, state, expires, info, k, 1.0)

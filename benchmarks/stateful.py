@@ -145,7 +145,7 @@ def build(flows: int):
         tbl_insert,
         tbl_lookup,
         tbl_prefetch_ctrl,
-        tbl_prefetch_found,
+        tbl_prefetch_found_rows,
     )
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
@@ -222,8 +222,7 @@ attach:
                 flow_key(key, ids[i])
                 hs[i - b0] = tbl_hash(key)
                 tbl_prefetch_ctrl(state, hs[i - b0])
-            for i in range(b0, b1):
-                tbl_prefetch_found(state, expires, hs[i - b0])
+            tbl_prefetch_found_rows(state, expires, hs, b1 - b0)
             for i in range(b0, b1):
                 done += op(keys, state, bucket, expires, info, kbuf[i - b0], ids[i],
                            insert, now) >= 0

@@ -84,7 +84,7 @@ from dva.nf.table import (
     tbl_insert_inline,
     tbl_lookup_inline,
     tbl_prefetch_ctrl,
-    tbl_prefetch_found,
+    tbl_prefetch_found_rows,
     tbl_sweep,
 )
 from dva.packet import layout as L
@@ -650,9 +650,7 @@ def ct_prefetch(state, expires, key, data, meta, n, hs):
         h = tbl_hash(key)
         hs[i] = h
         tbl_prefetch_ctrl(state, h)
-    for i in range(n):
-        if hs[i] >= 0:
-            tbl_prefetch_found(state, expires, hs[i])
+    tbl_prefetch_found_rows(state, expires, hs, n)
 
 
 @kernel

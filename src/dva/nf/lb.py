@@ -137,7 +137,7 @@ from dva.nf.table import (
     tbl_lookup,
     tbl_lookup_inline,
     tbl_prefetch_ctrl,
-    tbl_prefetch_found,
+    tbl_prefetch_found_rows,
 )
 from dva.nf.xlat import (
     KIND_ORIG,
@@ -530,9 +530,7 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
         h = tbl_hash(key2)
         slots[i] = h
         tbl_prefetch_ctrl(state, h)
-    for i in range(n):
-        if slots[i] >= 0:  # the record where E2 will go (dva.nf.table's two passes)
-            tbl_prefetch_found(state, expires, slots[i])
+    tbl_prefetch_found_rows(state, expires, slots, n)  # the records where E2s will go
 
 
 @kernel

@@ -20,9 +20,9 @@ moving state by flow bucket are written once:
   an ``expires`` time (seconds, same clock as ``now``);
 * ``max_entries`` live entries at most; the slot array is at least twice that, so
   probe chains stay short;
-* an expired entry is absent to lookups and is reclaimed lazily (when a probe meets
-  it) and by an incremental sweep that checks a fixed number of slots per batch, so
-  expiry costs no full-table scan;
+* an expired entry is absent to lookups and is reclaimed lazily (when a lookup of
+  its key meets it) and by an incremental sweep that checks a fixed number of slots
+  per batch, so expiry costs no full-table scan;
 * deletions leave tombstones; :meth:`HashTable.maintain` rebuilds the slot array when
   tombstones pile up;
 * :meth:`HashTable.export_buckets` / :meth:`HashTable.import_entries` move the entries
@@ -131,6 +131,15 @@ def tbl_prefetch_found(state, expires, h):
     :func:`tbl_prefetch_ctrl`), whole. A batch's records then come in one miss each,
     with no line fetched for a slot the probe does not use."""
     _record_lines(expires, tbl_slot_for(state, h), 0)
+
+
+@inline_kernel
+def tbl_prefetch_found_rows(state, expires, hs, n):
+    """The second pass over a batch: :func:`tbl_prefetch_found` for each of
+    ``hs[0:n]`` that is a hash (-1: a row not looked up)."""
+    for i in range(n):
+        if hs[i] >= 0:
+            tbl_prefetch_found(state, expires, hs[i])
 
 
 @inline_kernel
