@@ -223,6 +223,63 @@ def test_control_bytes_say_where_a_key_is_or_would_go():
     assert chance < 40  # about one probe in 64 meets a chance match
 
 
+def test_a_lookup_from_a_candidate_slot_finds_what_a_lookup_finds():
+    """The run-ahead pass leaves each row its candidate slot
+    (``tbl_prefetch_found_rows``); ``tbl_lookup_at`` from it agrees with a full
+    lookup for every key: present (in the candidate, or past a chance code match),
+    absent (an empty candidate, or a tombstone on the path), and expired (reclaimed,
+    as a lookup does) -- also with no candidate, or another key's slot."""
+    from dva._jit import kernel
+    from dva.nf.table import (
+        EMPTY,
+        tbl_delete,
+        tbl_hash,
+        tbl_insert,
+        tbl_lookup,
+        tbl_lookup_at,
+        tbl_prefetch_ctrl,
+        tbl_prefetch_found_rows,
+    )
+
+    @kernel
+    def candidates(state, expires, qkeys, hs):
+        for i in range(qkeys.shape[0]):
+            hs[i] = tbl_hash(qkeys[i])
+            tbl_prefetch_ctrl(state, hs[i])
+        tbl_prefetch_found_rows(state, expires, hs, qkeys.shape[0])
+
+    @kernel
+    def lookup_at(keys, state, expires, info, key, now, c):
+        return tbl_lookup_at(keys, state, expires, info, key, now, c)
+
+    t = HashTable(2, 1, 500)  # 1024 slots
+    qkeys = np.array([[k, 5 * k + 2] for k in range(700)], np.int64)
+    for i, k in enumerate(qkeys[:420]):
+        exp = 1.5 if i % 7 == 0 else 10.0  # some expire before the lookups at 2.0
+        assert tbl_insert(t.keys, t.state, t.bucket, t.expires, t.info, k, 0, exp,
+                          0.0) >= 0
+    for k in qkeys[1:420:5]:  # tombstones on the probe paths
+        tbl_delete(t.state, t.info, int(tbl_lookup(t.keys, t.state, t.expires, t.info,
+                                                  k, 1.0)))
+    hs = np.zeros(len(qkeys), np.int64)
+    candidates(t.state, t.expires, qkeys, hs)
+    ref = t.state.copy(), t.info.copy()
+    want = [int(tbl_lookup(t.keys, t.state, t.expires, t.info, k, 2.0)) for k in qkeys]
+    assert sum(w >= 0 for w in want) > 250 and sum(w < 0 for w in want) > 250
+    reclaimed = t.info.copy()
+    t.state[:], t.info[:] = ref  # the expired entries back, for the lookups from hints
+    kinds = set()
+    for i, k in enumerate(qkeys):
+        c = int(hs[i])
+        other = next(w for w in want[i + 1:] + want if w >= 0 and w != want[i])
+        for hint in (c, -1, other):  # its candidate, none, another key's slot
+            got = int(lookup_at(t.keys, t.state, t.expires, t.info, k, 2.0, hint))
+            assert got == want[i], (i, hint, got, want[i])
+        kinds.add("empty" if t.state[c] == EMPTY else
+                  "own" if c == want[i] else "other")
+    assert kinds == {"empty", "own", "other"}
+    assert list(t.info) == list(reclaimed)  # the same expired entries reclaimed
+
 def test_connection_records_stay_within_their_cache_lines():
     """With a million flows every packet's record misses the caches, and each line of
     it costs a fetch: a firewall's connection record is 2 lines, a NAT's or LB's 3

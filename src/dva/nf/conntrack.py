@@ -599,12 +599,12 @@ def ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now):
 
 @inline_kernel
 def ct_packet(keys, vals, state, expires, info, key, data, row, timeouts, events, ev0,
-              now):
-    """:func:`ct_classify`, then :func:`ct_advance` for a packet of a known
-    connection: ``(ESTABLISHED | INVALID | REOPEN | NEW | RELATED | UNTRACKED, entry,
-    direction)``."""
-    r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events, ev0,
-                          now)
+              now, hint):
+    """:func:`ct_classify_at` (``hint``: a slot that may hold the row's entry, or
+    -1), then :func:`ct_advance` for a packet of a known connection: ``(ESTABLISHED
+    | INVALID | REOPEN | NEW | RELATED | UNTRACKED, entry, direction)``."""
+    r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row, events,
+                             ev0, now, hint)
     if r != FOUND:
         return r, e, d
     return ct_advance(vals, expires, e, d, data, row, timeouts, events, ev0, now), e, d
@@ -640,7 +640,9 @@ def ct_prefetch(state, expires, key, data, meta, n, hs):
     cached). Two passes (:mod:`dva.nf.table`): each row's key hashed (into
     ``hs[i]``, -1 for a row that is not looked up) and its home slot's control bytes
     fetched, then from those bytes the slot it is in, whose record alone is
-    fetched."""
+    fetched. ``hs[i]`` is then that slot, the row's candidate
+    (:func:`dva.nf.table.tbl_prefetch_found_rows`): a hint for
+    :func:`ct_classify_at`, which then checks one slot instead of probing."""
     for i in range(n):
         row = meta[i]
         hs[i] = -1

@@ -426,7 +426,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
             row[L.VERDICT] = out if cfg[G_FRAG_ALLOW] else drop_code(D_FRAGMENT)
             continue
         r, e, d = ct_packet(keys, vals, state, expires, info, key, data, row, timeouts,
-                            events, 0, now)
+                            events, 0, now, hs[i])
         a_is_src = d
         if r == REOPEN:
             a_is_src = 1 if (vals[e, V_FLAGS] & F_ORIG_A) != 0 else 0

@@ -135,6 +135,7 @@ from dva.nf.table import (
     tbl_hash,
     tbl_insert_inline,
     tbl_lookup,
+    tbl_lookup_at,
     tbl_lookup_inline,
     tbl_prefetch_ctrl,
     tbl_prefetch_found_rows,
@@ -492,11 +493,14 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
     lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
     are not looked up at all. The lookup may reclaim an expired entry, as the
     decision loop's own would; the entry it finds goes to ``hints[i]`` (for
-    :func:`dva.nf.conntrack.ct_classify_at`). Two passes, as
-    :func:`ct_prefetch`'s: E2's hash (``slots``: scratch) and the control bytes of its
-    home slot, then the record where it will go."""
+    :func:`dva.nf.conntrack.ct_classify_at`). ``slots[i]``: the row's candidate slot
+    from :func:`ct_prefetch`, where that lookup starts
+    (:func:`dva.nf.table.tbl_lookup_at`). Two passes, as :func:`ct_prefetch`'s: E2's
+    hash (into ``slots``) and the control bytes of its home slot, then the record
+    where it will go."""
     for i in range(n):
         row = meta[i]
+        c = slots[i]
         slots[i] = -1
         if row[L.IN_PORT] != 0 or not ct_ported(row):
             continue
@@ -517,7 +521,7 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
         src = rd32(pkt, l3 + 12)
         sp = rd16(pkt, l4)
         ct_make_key(key, row[L.TENANT], proto, src, sp, dst, dp)
-        e = tbl_lookup_inline(keys, state, expires, info, key, now)
+        e = tbl_lookup_at(keys, state, expires, info, key, now, c)
         if e >= 0:
             hints[i] = e
             continue
@@ -541,7 +545,8 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, expires, key, data, meta, n, slots)  # slots: its scratch first
     fullnat = cfg[G_FULLNAT] != 0
-    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now, hints)
+    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now, slots,
+                hints)
     if not fullnat:
         _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hints,
                      vips, vip_addrs, backends, maglev, now)

@@ -136,10 +136,16 @@ def tbl_prefetch_found(state, expires, h):
 @inline_kernel
 def tbl_prefetch_found_rows(state, expires, hs, n):
     """The second pass over a batch: :func:`tbl_prefetch_found` for each of
-    ``hs[0:n]`` that is a hash (-1: a row not looked up)."""
+    ``hs[0:n]`` that is a hash (-1: a row not looked up), and ``hs[i]`` becomes the
+    slot found, the row's *candidate*: where its key is when the first code match is
+    it, else where it would go (or a slot another key holds). A later loop over the
+    rows checks a candidate instead of probing again (:func:`tbl_lookup_at`, or
+    :func:`tbl_holds` where inserts came between)."""
     for i in range(n):
         if hs[i] >= 0:
-            tbl_prefetch_found(state, expires, hs[i])
+            s = tbl_slot_for(state, hs[i])
+            _record_lines(expires, s, 0)
+            hs[i] = s
 
 
 @inline_kernel
@@ -189,6 +195,23 @@ def tbl_lookup(keys, state, expires, info, key, now):
 # the same, inlined into a hot caller (a lookup per packet: as a call it passes the
 # table's arrays field by field)
 tbl_lookup_inline = inline_copy(tbl_lookup)
+
+
+@inline_kernel
+def tbl_lookup_at(keys, state, expires, info, key, now, c):
+    """:func:`tbl_lookup` of ``key`` given its candidate slot ``c``
+    (:func:`tbl_prefetch_found_rows`; -1: none): ``c`` itself when it holds the live
+    entry, -1 when it is empty, else a lookup. Only for a loop with no insert since
+    the candidates were found: an empty candidate then means that the key's probe
+    ended there without a match (entries deleted since cannot let the key in
+    before it)."""
+    if c >= 0:
+        st = state[c]
+        if st == EMPTY:
+            return -1
+        if is_used(st) and expires[c] >= now and _key_eq(keys, c, key):
+            return c
+    return tbl_lookup_inline(keys, state, expires, info, key, now)
 
 
 @kernel

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
 from dva.nf.conntrack import V_USER, ct_make_key, ct_ported, ct_row_key
-from dva.nf.table import tbl_hash, tbl_lookup, tbl_lookup_inline, tbl_prefetch
+from dva.nf.table import tbl_hash, tbl_lookup, tbl_lookup_at, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
@@ -168,7 +168,7 @@ def icmp_error_xlat(data, row, vals, e, tup):
 
 @kernel
 def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_port, now,
-                hints):
+                cands, hints):
     """Run after :func:`dva.nf.conntrack.ct_prefetch`: look up each TCP/UDP row's
     entry (from port ``in_port``, or any when -1) and, when it is a translated
     tuple's (E2: a reply, or a packet sent to a mapping), prefetch the connection's
@@ -179,18 +179,22 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
     looked up), where the decision loop's :func:`dva.nf.conntrack.ct_classify_at`
     starts. The lookup may reclaim an expired entry, as the decision loop's would.
 
+    ``cands[i]``: the row's candidate slot from :func:`ct_prefetch` (-1: none; it
+    may be ``hints`` itself), which the lookup checks first
+    (:func:`dva.nf.table.tbl_lookup_at`: nothing is inserted before it).
+
     The lookups come first, in a loop of their own: reading a row's ``U_KIND`` (in
     its record's second line) in the same loop would wait for that line at once; in
     a second loop over the rows the lines have come."""
     mask = state.shape[0] - 1
     for i in range(n):
         row = meta[i]
+        c = cands[i]
         hints[i] = -1
         if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
             continue
         ct_row_key(key, data, row)
-        e = tbl_lookup_inline(keys, state, expires, info, key, now)
-        hints[i] = e
+        hints[i] = tbl_lookup_at(keys, state, expires, info, key, now, c)
     for i in range(n):
         e = hints[i]
         if e < 0 or vals[e, U_KIND] != KIND_XLAT:
