@@ -31,13 +31,15 @@ conntrack's 7 value words: 2 cache lines a record, at half load) with keys of
 established flows, a batch of 256 at a time, as the devices do it: a loop that
 hashes each key and prefetches its home slot's control bytes, a second loop that
 prefetches the record they name (:func:`dva.nf.table.tbl_prefetch_found_rows`), then
-the lookups (:func:`dva.nf.table.tbl_lookup_inline`). Keys come from an array, not
-from frames (no parsing):
+the lookups, each from the slot that pass found (:func:`dva.nf.table.tbl_lookup_at`;
+with inserts, a full probe: :func:`dva.nf.table.tbl_lookup_inline`). Keys come from an
+array, not from frames (no parsing):
 
 * ``lookup_1M``: 950K flows in 2M slots (256 MiB, far larger than the caches);
 * ``lookup_1K``: 1K flows (the table fits in the caches): the compute alone;
 * ``insert_1M``: the same loops putting 98K new flows into that table (each lookup
-  finds nothing, then ``tbl_insert``): a connection's creation.
+  finds nothing, then ``tbl_insert``, inlined as in ``ct_create``): a connection's
+  creation.
 
 Median of ``--runs`` runs.
 """
@@ -92,7 +94,8 @@ def build_lookup():
     from dva._jit import kernel
     from dva.nf.table import (
         tbl_hash,
-        tbl_insert,
+        tbl_insert_inline,
+        tbl_lookup_at,
         tbl_lookup_inline,
         tbl_prefetch_ctrl,
         tbl_prefetch_found_rows,
@@ -113,9 +116,12 @@ def build_lookup():
             tbl_prefetch_found_rows(state, expires, hs, b1 - b0)
             for i in range(b0, b1):
                 k = qkeys[i]
-                s = tbl_lookup_inline(keys, state, expires, info, k, 1.0)
+                if insert:  # inserts come between: no candidate (a full probe)
+                    s = tbl_lookup_inline(keys, state, expires, info, k, 1.0)
+                else:  # from the slot the second pass found, as the devices do
+                    s = tbl_lookup_at(keys, state, expires, info, k, 1.0, hs[i - b0])
                 if insert and s < 0:
-                    s = tbl_insert(keys, state, bucket, expires, info, k, 0, 1e9, 1.0)
+                    s = tbl_insert_inline(keys, state, bucket, expires, info, k, 0, 1e9, 1.0)
                 done += s >= 0
         return done
 
