@@ -105,8 +105,9 @@ def build_lookup():
     def look_rows(keys, state, bucket, expires, info, qkeys, insert, hs):
         """Batches of ``BATCH`` keys ``qkeys`` (in the order given: read in sequence,
         as a device reads its batch's frames): prefetch each key's slot in two passes
-        (``hs``: the hashes), then look it up (and with ``insert``, put it in when
-        absent). Returns how many were found (or inserted)."""
+        (``hs``: the hashes, then their candidate slots), then look it up (and with
+        ``insert``, put it in when absent). Returns how many were found (or
+        inserted)."""
         done = 0
         for b0 in range(0, qkeys.shape[0], BATCH):
             b1 = min(b0 + BATCH, qkeys.shape[0])

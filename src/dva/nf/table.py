@@ -129,8 +129,10 @@ def tbl_slot_for(state, h):
 def tbl_prefetch_found(state, expires, h):
     """Second pass: the record of :func:`tbl_slot_for` (its control bytes fetched by
     :func:`tbl_prefetch_ctrl`), whole. A batch's records then come in one miss each,
-    with no line fetched for a slot the probe does not use."""
-    _record_lines(expires, tbl_slot_for(state, h), 0)
+    with no line fetched for a slot the probe does not use. Returns that slot."""
+    s = tbl_slot_for(state, h)
+    _record_lines(expires, s, 0)
+    return s
 
 
 @inline_kernel
@@ -143,9 +145,7 @@ def tbl_prefetch_found_rows(state, expires, hs, n):
     :func:`tbl_holds` where inserts came between)."""
     for i in range(n):
         if hs[i] >= 0:
-            s = tbl_slot_for(state, hs[i])
-            _record_lines(expires, s, 0)
-            hs[i] = s
+            hs[i] = tbl_prefetch_found(state, expires, hs[i])
 
 
 @inline_kernel
@@ -206,10 +206,9 @@ def tbl_lookup_at(keys, state, expires, info, key, now, c):
     ended there without a match (entries deleted since cannot let the key in
     before it)."""
     if c >= 0:
-        st = state[c]
-        if st == EMPTY:
+        if state[c] == EMPTY:
             return -1
-        if is_used(st) and expires[c] >= now and _key_eq(keys, c, key):
+        if tbl_holds(keys, state, expires, c, key, now):
             return c
     return tbl_lookup_inline(keys, state, expires, info, key, now)
 
