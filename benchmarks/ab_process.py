@@ -7,15 +7,23 @@
     python benchmarks/ab_process.py /tmp/lb_old.py dva.nf.lb Lb services:lb_est,services:lb_reply
     python benchmarks/ab_process.py /tmp/nat_old.py dva.nf.nat Nat stateful:nat_est,stateful:fw_nat_est
 
+    git worktree add /tmp/wt_old 7f91d14
+    python benchmarks/ab_process.py /tmp/wt_old/src dva.nf.lb Lb services:lb_select
+
 Two processes cannot resolve less than about 15% on these shared VMs: the machine's
 speed moves more than that between them. This runs both versions on the same tables
 and frames: the scenarios (``services:NAME`` of ``services.py``, ``stateful:STEP`` of
 ``stateful.py``, ``--flows`` its table size) are built once, then each run times every
 scenario with the current ``CLASS.process`` of ``MODULE`` and with ``OLD_FILE``'s
 (a copy of the module from another revision, loaded beside it under another name),
-interleaved. The old file runs against the current versions of everything it imports:
-where a helper it calls was renamed since, adapt the copy. Prints the median, min and
-max Mpps of each scenario and version; nothing is written.
+interleaved (each scenario run once untimed first, the versions taking turns to go
+first: the first run after a change of scenario is slower, by 8% in nat_est, which
+would count against one version). The old file runs against the current versions of everything it imports:
+where a helper it calls was renamed since, adapt the copy. Or give, instead of a file,
+another revision's ``src`` folder: its whole ``dva`` package is loaded beside the
+current one under another name, so that the old ``MODULE`` runs with the old versions
+of everything (a change to shared kernels, measured across every device using them).
+Prints the median, min and max Mpps of each scenario and version; nothing is written.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -50,6 +59,21 @@ def load_copy(path: str):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_tree(src: str, module: str):
+    """``module`` (``dva.…``) of the ``dva`` package under ``src``, from a copy of the
+    package renamed (its imports of itself too), beside the current one."""
+    pkg = Path(src) / "dva"
+    text = b"".join(p.read_bytes() for p in sorted(pkg.rglob("*.py")))
+    name = "dva_ab_" + hashlib.sha1(text).hexdigest()[:10]
+    root = Path(tempfile.mkdtemp(prefix="dva-ab-"))
+    for p in pkg.rglob("*.py"):
+        out = root / name / p.relative_to(pkg)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(re.sub(r"\bdva\.", name + ".", p.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(name + module.removeprefix("dva"))
 
 
 def build(names: list[str], flows: int, packets: int) -> dict:
@@ -88,18 +112,23 @@ def main() -> None:
     if a.cpu >= 0:
         os.sched_setaffinity(0, {a.cpu})
     cls = getattr(importlib.import_module(a.module), a.cls)
-    versions = {"current": cls.process,
-                "old": getattr(load_copy(a.old_file), a.cls).process}
+    old = load_tree(a.old_file, a.module) if Path(a.old_file).is_dir() \
+        else load_copy(a.old_file)
+    versions = {"current": cls.process, "old": getattr(old, a.cls).process}
     scenarios = build(a.scenarios.split(","), a.flows, a.packets)
     for proc in versions.values():  # compile and warm both
         cls.process = proc
         for run in scenarios.values():
             run()
     rates = {(s, v): [] for s in scenarios for v in versions}
+    order = list(versions.items())
     try:
-        for _ in range(a.runs):
+        for k in range(a.runs):
             for s, run in scenarios.items():
-                for v, proc in versions.items():
+                # the first run after a change of scenario finds the caches full of
+                # the last one's lines: untimed, and the versions take turns first
+                run()
+                for v, proc in (order if k % 2 == 0 else order[::-1]):
                     cls.process = proc
                     rates[(s, v)].append(run())
     finally:

@@ -93,10 +93,10 @@ def build_lookup():
 
     from dva._jit import kernel
     from dva.nf.table import (
+        tbl_begin_pass,
         tbl_hash,
-        tbl_insert_inline,
+        tbl_insert_at,
         tbl_lookup_at,
-        tbl_lookup_inline,
         tbl_prefetch_ctrl,
         tbl_prefetch_found_rows,
     )
@@ -111,18 +111,17 @@ def build_lookup():
         done = 0
         for b0 in range(0, qkeys.shape[0], BATCH):
             b1 = min(b0 + BATCH, qkeys.shape[0])
+            tbl_begin_pass(info)
             for i in range(b0, b1):
                 hs[i - b0] = tbl_hash(qkeys[i])
                 tbl_prefetch_ctrl(state, hs[i - b0])
             tbl_prefetch_found_rows(state, expires, hs, b1 - b0)
             for i in range(b0, b1):
                 k = qkeys[i]
-                if insert:  # inserts come between: no candidate (a full probe)
-                    s = tbl_lookup_inline(keys, state, expires, info, k, 1.0)
-                else:  # from the slot the second pass found, as the devices do
-                    s = tbl_lookup_at(keys, state, expires, info, k, 1.0, hs[i - b0])
+                c = hs[i - b0]  # from the slot the second pass found, as the devices do
+                s = tbl_lookup_at(keys, state, expires, info, k, 1.0, c)
                 if insert and s < 0:
-                    s = tbl_insert_inline(keys, state, bucket, expires, info, k, 0, 1e9, 1.0)
+                    s = tbl_insert_at(keys, state, bucket, expires, info, k, 0, 1e9, 1.0, c)
                 done += s >= 0
         return done
 

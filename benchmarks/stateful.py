@@ -141,9 +141,12 @@ def build(flows: int):
     from dva.graph.plan import compile_plan
     from dva.nf.conntrack import ct_make_key
     from dva.nf.table import (
+        tbl_begin_pass,
         tbl_hash,
         tbl_insert,
+        tbl_insert_at,
         tbl_lookup,
+        tbl_lookup_at,
         tbl_prefetch_ctrl,
         tbl_prefetch_found_rows,
     )
@@ -212,11 +215,13 @@ attach:
     def ct_ops_batched(keys, state, bucket, expires, info, kbuf, hs, ids, insert, now):
         """As the devices do it: keys of a batch (``kbuf``: BATCH rows) built and
         their home slots' control bytes prefetched in one loop, the records they
-        name in a second (``hs``: the hashes), then looked up or inserted."""
+        name in a second (``hs``: the hashes, then the candidate slots), then looked
+        up or inserted from the candidates."""
         done = 0
         n = ids.shape[0]
         for b0 in range(0, n, kbuf.shape[0]):
             b1 = min(b0 + kbuf.shape[0], n)
+            tbl_begin_pass(info)
             for i in range(b0, b1):
                 key = kbuf[i - b0]
                 flow_key(key, ids[i])
@@ -224,8 +229,14 @@ attach:
                 tbl_prefetch_ctrl(state, hs[i - b0])
             tbl_prefetch_found_rows(state, expires, hs, b1 - b0)
             for i in range(b0, b1):
-                done += op(keys, state, bucket, expires, info, kbuf[i - b0], ids[i],
-                           insert, now) >= 0
+                key = kbuf[i - b0]
+                c = hs[i - b0]
+                if insert:
+                    s = tbl_insert_at(keys, state, bucket, expires, info, key, ids[i] & 4095,
+                                      now + 1e6, now, c)
+                else:
+                    s = tbl_lookup_at(keys, state, expires, info, key, now, c)
+                done += s >= 0
         return done
 
     kbuf = np.zeros((BATCH, 3), np.int64)

@@ -232,6 +232,7 @@ def test_a_lookup_from_a_candidate_slot_finds_what_a_lookup_finds():
     from dva._jit import kernel
     from dva.nf.table import (
         EMPTY,
+        tbl_begin_pass,
         tbl_delete,
         tbl_hash,
         tbl_insert,
@@ -242,7 +243,8 @@ def test_a_lookup_from_a_candidate_slot_finds_what_a_lookup_finds():
     )
 
     @kernel
-    def candidates(state, expires, qkeys, hs):
+    def candidates(state, expires, info, qkeys, hs):
+        tbl_begin_pass(info)
         for i in range(qkeys.shape[0]):
             hs[i] = tbl_hash(qkeys[i])
             tbl_prefetch_ctrl(state, hs[i])
@@ -262,7 +264,7 @@ def test_a_lookup_from_a_candidate_slot_finds_what_a_lookup_finds():
         tbl_delete(t.state, t.info, int(tbl_lookup(t.keys, t.state, t.expires, t.info,
                                                   k, 1.0)))
     hs = np.zeros(len(qkeys), np.int64)
-    candidates(t.state, t.expires, qkeys, hs)
+    candidates(t.state, t.expires, t.info, qkeys, hs)
     ref = t.state.copy(), t.info.copy()
     want = [int(tbl_lookup(t.keys, t.state, t.expires, t.info, k, 2.0)) for k in qkeys]
     assert sum(w >= 0 for w in want) > 250 and sum(w < 0 for w in want) > 250
@@ -279,6 +281,113 @@ def test_a_lookup_from_a_candidate_slot_finds_what_a_lookup_finds():
                   "own" if c == want[i] else "other")
     assert kinds == {"empty", "own", "other"}
     assert list(t.info) == list(reclaimed)  # the same expired entries reclaimed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lookups_and_inserts_from_candidates_build_the_same_table(seed):
+    """A device's decision loop looks each row's key up from its candidate and
+    inserts the absent ones there (``tbl_lookup_at``, ``tbl_insert_at``), with
+    inserts and deletions between the rows of a batch: repeated keys, keys whose
+    candidate another row's insert took, entries expired (reclaimed by a lookup)
+    and connections deleted mid-batch. Every answer, slot and control byte must be
+    what plain lookups and inserts give, in the same order, on a copy of the
+    table; and while nothing is freed the candidates spare most probes."""
+    from dva._jit import kernel
+    from dva.nf.table import (
+        I_CLEAN,
+        tbl_begin_pass,
+        tbl_delete,
+        tbl_hash,
+        tbl_insert,
+        tbl_insert_at,
+        tbl_lookup,
+        tbl_lookup_at,
+        tbl_prefetch_ctrl,
+        tbl_prefetch_found_rows,
+    )
+
+    @kernel
+    def batch(keys, state, bucket, expires, info, qkeys, dels, hs, out, clean, now):
+        tbl_begin_pass(info)
+        for i in range(qkeys.shape[0]):
+            hs[i] = tbl_hash(qkeys[i])
+            tbl_prefetch_ctrl(state, hs[i])
+        tbl_prefetch_found_rows(state, expires, hs, qkeys.shape[0])
+        for i in range(qkeys.shape[0]):
+            clean[i] = info[I_CLEAN]
+            s = tbl_lookup_at(keys, state, expires, info, qkeys[i], now, hs[i])
+            if s < 0:
+                s = tbl_insert_at(keys, state, bucket, expires, info, qkeys[i], i, 9.0,
+                                  now, hs[i])
+            elif dels[i]:
+                tbl_delete(state, info, s)
+            out[i] = s
+
+    @kernel
+    def plain(keys, state, bucket, expires, info, qkeys, dels, out, now):
+        for i in range(qkeys.shape[0]):
+            s = tbl_lookup(keys, state, expires, info, qkeys[i], now)
+            if s < 0:
+                s = tbl_insert(keys, state, bucket, expires, info, qkeys[i], i, 9.0, now)
+            elif dels[i]:
+                tbl_delete(state, info, s)
+            out[i] = s
+
+    rng = np.random.default_rng(seed)
+    t = HashTable(2, 1, 900)  # 2048 slots
+    universe = np.array([[k, 3 * k + 1] for k in range(1500)], np.int64)
+    stale = np.zeros(1500, bool)
+    for j in rng.choice(1500, 700, replace=False):
+        stale[j] = rng.random() < 0.1  # expired at 2.0
+        tbl_insert(t.keys, t.state, t.bucket, t.expires, t.info, universe[j], 0,
+                   1.5 if stale[j] else 9.0, 0.0)
+    for k in universe[rng.choice(1500, 150, replace=False)]:  # tombstones on the paths
+        s = tbl_lookup(t.keys, t.state, t.expires, t.info, k, 1.0)
+        if s >= 0:
+            tbl_delete(t.state, t.info, s)
+    ref = HashTable(2, 1, 900)
+    ref.records[:], ref.state[:], ref.info[:] = t.records, t.state, t.info
+    spared = 0
+    for b in range(8):  # batches of 256 rows, a quarter of them repeats
+        # the first four with expired keys and deletions, the last four with
+        # neither: nothing is freed there, every row may use its candidate
+        q = universe[rng.choice(np.flatnonzero(~stale) if b >= 4 else 1500, 256)]
+        q[192:] = q[rng.integers(0, 192, 64)]
+        dels = (rng.random(256) < (0.0 if b >= 4 else 0.02)).astype(np.int64)
+        hs, got, want = (np.zeros(256, np.int64) for _ in range(3))
+        clean = np.zeros(256, np.int64)
+        batch(t.keys, t.state, t.bucket, t.expires, t.info, q, dels, hs, got, clean, 2.0)
+        plain(ref.keys, ref.state, ref.bucket, ref.expires, ref.info, q, dels, want, 2.0)
+        assert list(got) == list(want)
+        assert (t.state == ref.state).all() and (t.records == ref.records).all()
+        assert list(t.info[:5]) == list(ref.info[:5])
+        if b >= 4:
+            spared += int(clean.sum())
+        else:
+            assert clean.min() == 0  # a freed slot ended the shortcut
+    assert spared == 4 * 256
+
+    # the case a free candidate cannot decide once a slot was freed: three keys of
+    # one home slot, two of them in the table; the first row deletes the first key,
+    # whose slot, before the third key's candidate, its insert then takes (not the
+    # candidate), where its repeat must find it
+    home = np.array([int(tbl_hash(k)) & 4095 for k in universe])
+    t = HashTable(2, 1, 2000)  # 4096 slots, empty
+    groups = {}
+    for j in rng.permutation(1500):
+        groups.setdefault(home[j], []).append(j)
+    k1, k2, k3 = universe[next(g for g in groups.values() if len(g) >= 3)[:3]]
+    for k in (k1, k2):
+        tbl_insert(t.keys, t.state, t.bucket, t.expires, t.info, k, 0, 9.0, 0.0)
+    ref = HashTable(2, 1, 2000)
+    ref.records[:], ref.state[:], ref.info[:] = t.records, t.state, t.info
+    q = np.array([k1, k3, k3, k2], np.int64)
+    dels = np.array([1, 0, 0, 0], np.int64)
+    hs, got, want, clean = (np.zeros(4, np.int64) for _ in range(4))
+    batch(t.keys, t.state, t.bucket, t.expires, t.info, q, dels, hs, got, clean, 2.0)
+    plain(ref.keys, ref.state, ref.bucket, ref.expires, ref.info, q, dels, want, 2.0)
+    assert list(got) == list(want) and want[1] == want[2] == want[0]
+    assert (t.state == ref.state).all() and (t.records == ref.records).all()
 
 def test_connection_records_stay_within_their_cache_lines():
     """With a million flows every packet's record misses the caches, and each line of

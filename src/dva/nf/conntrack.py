@@ -78,10 +78,11 @@ from dva.nf.table import (
     I_TOMBS,
     HashTable,
     is_used,
+    tbl_begin_pass,
     tbl_delete,
     tbl_hash,
-    tbl_holds,
-    tbl_insert_inline,
+    tbl_insert_at,
+    tbl_lookup_at,
     tbl_lookup_inline,
     tbl_prefetch_ctrl,
     tbl_prefetch_found_rows,
@@ -530,10 +531,10 @@ def ct_classify_at(keys, state, vals, expires, info, key, data, row, events, ev0
     original, 1: reply; advance it with :func:`ct_advance`), ``RELATED`` with the
     entry of the connection the ICMP error quotes (its key in ``key``), ``NEW`` (the
     canonical key in ``key``; the direction is 1 when the packet's source is endpoint
-    A, for :func:`ct_create`), ``INVALID`` or ``UNTRACKED``. ``hint``: the slot a
-    lookup of the row's key found earlier in the batch (a run-ahead loop's), or -1;
-    when it still holds the entry (:func:`dva.nf.table.tbl_holds`) the lookup is
-    skipped."""
+    A, for :func:`ct_create`), ``INVALID`` or ``UNTRACKED``. ``hint``: the row's
+    candidate slot, or the slot a run-ahead loop's lookup of its key found
+    (:func:`dva.nf.table.tbl_hint`), or -1; the lookup starts from it
+    (:func:`dva.nf.table.tbl_lookup_at`)."""
     s = row[L.START]
     n = row[L.LEN]
     pkt = data[row[L.SLOT], s:s + n]
@@ -563,10 +564,7 @@ def ct_classify_at(keys, state, vals, expires, info, key, data, row, events, ev0
         sport = rd16(pkt, l4 + 4)
         dport = sport
     a = ct_make_key(key, zone, proto, src, sport, dst, dport)
-    if hint >= 0 and tbl_holds(keys, state, expires, hint, key, now):
-        e = hint
-    else:
-        e = tbl_lookup_inline(keys, state, expires, info, key, now)
+    e = tbl_lookup_at(keys, state, expires, info, key, now, hint)
     if e < 0:
         if (proto == L.PROTO_TCP and (i64(pkt[l4 + 13]) & (SYN | ACK | RST | FIN)) != SYN) \
                 or (proto == L.PROTO_ICMP and i64(pkt[l4]) == 0):
@@ -632,7 +630,7 @@ def ct_row_key(key, data, row):
 
 
 @kernel
-def ct_prefetch(state, expires, key, data, meta, n, hs):
+def ct_prefetch(state, expires, info, key, data, meta, n, hs):
     """Prefetch the record each TCP/UDP row of the batch will use -- its entry's, or
     the free slot where its new entry would go -- in loops of their own: with a
     table much larger than the caches every lookup misses, and this keeps the misses
@@ -642,7 +640,9 @@ def ct_prefetch(state, expires, key, data, meta, n, hs):
     fetched, then from those bytes the slot it is in, whose record alone is
     fetched. ``hs[i]`` is then that slot, the row's candidate
     (:func:`dva.nf.table.tbl_prefetch_found_rows`): a hint for
-    :func:`ct_classify_at`, which then checks one slot instead of probing."""
+    :func:`ct_classify_at` and :func:`ct_create`, which then check one slot instead
+    of probing. It is the batch's first pass (:func:`dva.nf.table.tbl_begin_pass`)."""
+    tbl_begin_pass(info)
     for i in range(n):
         row = meta[i]
         hs[i] = -1
@@ -676,10 +676,11 @@ def _early_drop(keys, vals, state, expires, info, key, now):
 
 @inline_kernel
 def ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, aux,
-              timeouts, events, ev0, now):
+              timeouts, events, ev0, now, c):
     """Create the entry of a NEW packet (key from :func:`ct_packet`); its first packet
-    is accounted for. Returns the slot, or -1 when the table is full and nothing may
-    be evicted (the connection is refused)."""
+    is accounted for. ``c``: the key's candidate slot (the hint its lookup had), or
+    -1 (:func:`dva.nf.table.tbl_insert_at`). Returns the slot, or -1 when the table
+    is full and nothing may be evicted (the connection is refused)."""
     if info[I_LIVE] >= info[I_MAX]:
         dropped = _early_drop(keys, vals, state, expires, info, key, now)
         if dropped == 0:
@@ -687,7 +688,7 @@ def ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row
             return -1
         if dropped == 1:
             events[ev0 + E_EARLY_DROP] += 1
-    e = tbl_insert_inline(keys, state, bucket, expires, info, key, row[L.BUCKET], now, now)
+    e = tbl_insert_at(keys, state, bucket, expires, info, key, row[L.BUCKET], now, now, c)
     if e < 0:
         events[ev0 + E_REFUSED] += 1
         return -1

@@ -396,11 +396,11 @@ def _reject(data, free, top, meta, i, total, headroom, events):
 
 @kernel
 def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, state,
-                    bucket, expires, info, key, hs, timeouts, events, flags, now, sweep):
+                    bucket, expires, info, key, cands, timeouts, events, flags, now, sweep):
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, key, data, meta, n, hs)
+    ct_prefetch(state, expires, info, key, data, meta, n, cands)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0
@@ -426,7 +426,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
             row[L.VERDICT] = out if cfg[G_FRAG_ALLOW] else drop_code(D_FRAGMENT)
             continue
         r, e, d = ct_packet(keys, vals, state, expires, info, key, data, row, timeouts,
-                            events, 0, now, hs[i])
+                            events, 0, now, cands[i])
         a_is_src = d
         if r == REOPEN:
             a_is_src = 1 if (vals[e, V_FLAGS] & F_ORIG_A) != 0 else 0
@@ -460,7 +460,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
             if r == NEW:
                 aux = rules[j, R_RULE] + 1 if j >= 0 else 0
                 if ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data,
-                             row, aux, timeouts, events, 0, now) < 0:
+                             row, aux, timeouts, events, 0, now, cands[i]) < 0:
                     row[L.VERDICT] = drop_code(D_TABLE_FULL)
                     continue
                 row[L.NOTE] = N_RULE if j >= 0 else N_DEFAULT
@@ -512,6 +512,6 @@ class Firewall(Device):
         batch.n = firewall_kernel(
             pool.data, pool.free, pool.top, batch.meta, batch.n, pool.headroom, self.rules,
             self.cfg, t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key,
-            state.scratch(batch.n, "hash"), self.timeouts, state.events, state.flags, float(now),
+            state.scratch(batch.n, "cands"), self.timeouts, state.events, state.flags, float(now),
             SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)

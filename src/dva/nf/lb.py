@@ -133,10 +133,10 @@ from dva.nf.table import (
     HashTable,
     sorted_find,
     tbl_hash,
-    tbl_insert_inline,
+    tbl_hint,
+    tbl_insert_at,
     tbl_lookup,
     tbl_lookup_at,
-    tbl_lookup_inline,
     tbl_prefetch_ctrl,
     tbl_prefetch_found_rows,
 )
@@ -396,9 +396,11 @@ def _snat_port(keys, state, expires, info, key2, zone, proto, sa, sp, dp, nda, n
 
 @inline_kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup, vips,
-              backends, maglev, cfg, mask, a_is_src, v, timeouts, events, now):
+              backends, maglev, cfg, mask, a_is_src, v, timeouts, events, now, c1, c2):
     """Open the connection of a NEW packet to VIP ``v``: choose its backend, create
-    E1 and E2, rewrite the packet. Returns E1's slot or -1 - drop reason."""
+    E1 and E2, rewrite the packet. ``c1``, ``c2``: E1's and E2's candidate slots, or
+    -1 (:func:`dva.nf.table.tbl_lookup_at`, :func:`dva.nf.table.tbl_insert_at`).
+    Returns E1's slot or -1 - drop reason."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
     l3 = row[L.L3_OFF]
@@ -424,10 +426,10 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
             return -1 - D_EXHAUSTED
     else:
         ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
-        if tbl_lookup_inline(keys, state, expires, info, key2, now) >= 0:
+        if tbl_lookup_at(keys, state, expires, info, key2, now, c2) >= 0:
             return -1 - D_IN_USE
     e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, 0,
-                   timeouts, events, 0, now)
+                   timeouts, events, 0, now, c1)
     if e1 < 0:
         return -1 - D_TABLE_FULL
     vals[e1, U_KIND] = KIND_ORIG
@@ -443,8 +445,8 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     vals[e1, U_REFRESH] = 0  # so E2's lifetime is due now
     vals[e1, U_BACKEND] = b
     a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
-    e2 = tbl_insert_inline(keys, state, bucket, expires, info, key2, row[L.BUCKET],
-                           refresh_due(vals, expires, e1, now), now)
+    e2 = tbl_insert_at(keys, state, bucket, expires, info, key2, row[L.BUCKET],
+                       refresh_due(vals, expires, e1, now), now, c2)
     if e2 < 0:
         ct_delete(state, info, e1)
         return -1 - D_TABLE_FULL
@@ -492,12 +494,13 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
     has one (an established flow, whose E2 is not read) costs no Maglev read and no
     lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
     are not looked up at all. The lookup may reclaim an expired entry, as the
-    decision loop's own would; the entry it finds goes to ``hints[i]`` (for
-    :func:`dva.nf.conntrack.ct_classify_at`). ``slots[i]``: the row's candidate slot
-    from :func:`ct_prefetch`, where that lookup starts
-    (:func:`dva.nf.table.tbl_lookup_at`). Two passes, as :func:`ct_prefetch`'s: E2's
-    hash (into ``slots``) and the control bytes of its home slot, then the record
-    where it will go."""
+    decision loop's own would. ``slots[i]``: the row's candidate slot from
+    :func:`ct_prefetch`, where that lookup starts (:func:`dva.nf.table.tbl_lookup_at`).
+    ``hints[i]`` becomes the entry it finds, or the candidate if free
+    (:func:`dva.nf.table.tbl_hint`), where the decision loop's lookup and insert of
+    E1 start; ``slots[i]`` becomes E2's candidate (-1: none). Two passes, as
+    :func:`ct_prefetch`'s: E2's hash (into ``slots``) and the control bytes of its
+    home slot, then the record where it will go."""
     for i in range(n):
         row = meta[i]
         c = slots[i]
@@ -522,8 +525,8 @@ def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hi
         sp = rd16(pkt, l4)
         ct_make_key(key, row[L.TENANT], proto, src, sp, dst, dp)
         e = tbl_lookup_at(keys, state, expires, info, key, now, c)
+        hints[i] = tbl_hint(state, e, c)
         if e >= 0:
-            hints[i] = e
             continue
         j = maglev[v, row[L.HASH] % maglev.shape[1]]
         if j < 0:
@@ -543,7 +546,7 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
               events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, key, data, meta, n, slots)  # slots: its scratch first
+    ct_prefetch(state, expires, info, key, data, meta, n, slots)  # slots: its scratch first
     fullnat = cfg[G_FULLNAT] != 0
     prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now, slots,
                 hints)
@@ -674,7 +677,8 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
             events[C_PASSED] += 1
             continue
         e = _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup,
-                      vips, backends, maglev, cfg, mask, d, v, timeouts, events, now)
+                      vips, backends, maglev, cfg, mask, d, v, timeouts, events, now,
+                      hints[i], -1 if fullnat else slots[i])
         if e < 0:
             row[L.VERDICT] = drop_code(-1 - e)
             continue

@@ -475,9 +475,10 @@ def _extend(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, 
 @kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals, mstate,
               mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static, dnat, cfg,
-              mask, a_is_src, timeouts, events, now):
+              mask, a_is_src, timeouts, events, now, c):
     """Create the connection of a NEW packet and decide its translation (and rewrite
-    the packet). Returns (E1 slot, note), or (-1 - drop reason, 0)."""
+    the packet); ``c``: E1's candidate slot (:func:`dva.nf.conntrack.ct_create`).
+    Returns (E1 slot, note), or (-1 - drop reason, 0)."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
     l3 = row[L.L3_OFF]
@@ -522,7 +523,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
         nsp = 0
         ndp = 0
     e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, 0,
-                   timeouts, events, 0, now)
+                   timeouts, events, 0, now, c)
     if e1 < 0:
         return -1 - D_TABLE_FULL, 0
     vals[e1, U_KIND] = KIND_ORIG
@@ -572,7 +573,7 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
                static, dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, key, data, meta, n, hints)  # hints: its scratch first
+    ct_prefetch(state, expires, info, key, data, meta, n, hints)  # hints: its scratch first
     prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, -1, now, hints,
                 hints)
     for i in range(n):
@@ -669,7 +670,8 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
             continue
         e, note = _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys,
                             mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool,
-                            pool_h, static, dnat, cfg, mask, d, timeouts, events, now)
+                            pool_h, static, dnat, cfg, mask, d, timeouts, events, now,
+                            hints[i])
         if e < 0:
             row[L.VERDICT] = drop_code(-1 - e)
             continue

@@ -14,7 +14,9 @@ moving state by flow bucket are written once:
   hash (:func:`used_code`). A probe reads the control bytes and compares keys only
   where the code matches; a key that is absent costs no record read, and a run-ahead
   loop can find the slot a key is in (or would go) and fetch that record alone
-  (:func:`tbl_prefetch_found`);
+  (:func:`tbl_prefetch_found`); that slot, the key's *candidate*, then spares the
+  batch's later lookups and inserts of the key their probes (:func:`tbl_lookup_at`,
+  :func:`tbl_insert_at`) while no slot is freed;
 * keys are ``key_words`` int64 words, values ``value_words`` int64 words; each entry
   also has the flow ``bucket`` it belongs to (``-1`` for shared, non-flow state) and
   an ``expires`` time (seconds, same clock as ``now``);
@@ -41,9 +43,10 @@ import numpy as np
 from dva._jit import i64, inline_copy, inline_kernel, kernel, prefetch
 
 EMPTY, USED, TOMB = 0, 1, 2  # control bytes: USED is the low bit of every used code
-# info[] slots
-I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED = 0, 1, 2, 3, 4
-NINFO = 5
+# info[] slots. I_CLEAN: 1 while no slot was freed since the batch's first run-ahead
+# pass began (:func:`tbl_begin_pass`), when a free candidate proves a key absent
+I_LIVE, I_TOMBS, I_MAX, I_CURSOR, I_EXPIRED, I_CLEAN = 0, 1, 2, 3, 4, 5
+NINFO = 6
 IMPORT_BLOCK = 32  # entries whose home slots an import prefetches (misses overlap)
 
 M32 = 0xFFFFFFFF
@@ -136,13 +139,21 @@ def tbl_prefetch_found(state, expires, h):
 
 
 @inline_kernel
+def tbl_begin_pass(info):
+    """A batch's first run-ahead pass begins: candidates found from here on may
+    prove keys absent (:func:`tbl_lookup_at`) until a slot is freed."""
+    info[I_CLEAN] = 1
+
+
+@inline_kernel
 def tbl_prefetch_found_rows(state, expires, hs, n):
     """The second pass over a batch: :func:`tbl_prefetch_found` for each of
     ``hs[0:n]`` that is a hash (-1: a row not looked up), and ``hs[i]`` becomes the
     slot found, the row's *candidate*: where its key is when the first code match is
-    it, else where it would go (or a slot another key holds). A later loop over the
-    rows checks a candidate instead of probing again (:func:`tbl_lookup_at`, or
-    :func:`tbl_holds` where inserts came between)."""
+    it, else the first free slot of its probe path, where it would go (or a slot
+    another key holds). A later loop over the rows checks a candidate instead of
+    probing again (:func:`tbl_lookup_at`, :func:`tbl_insert_at`); the batch's first
+    pass is preceded by :func:`tbl_begin_pass`."""
     for i in range(n):
         if hs[i] >= 0:
             hs[i] = tbl_prefetch_found(state, expires, hs[i])
@@ -162,6 +173,7 @@ def _expire(state, info, slot):
     info[I_LIVE] -= 1
     info[I_TOMBS] += 1
     info[I_EXPIRED] += 1
+    info[I_CLEAN] = 0
 
 
 @inline_kernel
@@ -201,16 +213,47 @@ tbl_lookup_inline = inline_copy(tbl_lookup)
 def tbl_lookup_at(keys, state, expires, info, key, now, c):
     """:func:`tbl_lookup` of ``key`` given its candidate slot ``c``
     (:func:`tbl_prefetch_found_rows`; -1: none): ``c`` itself when it holds the live
-    entry, -1 when it is empty, else a lookup. Only for a loop with no insert since
-    the candidates were found: an empty candidate then means that the key's probe
-    ended there without a match (entries deleted since cannot let the key in
-    before it)."""
+    entry; -1 when ``c`` is free and no slot was freed since the pass
+    (``info[I_CLEAN]``); else a lookup.
+
+    Why a free candidate proves the key absent, inserts since the pass included:
+    the candidate was then the first free slot of the key's probe path, with no
+    code match before the first empty one. The slots before it stay used while none
+    is freed, so the first free slot of the path is still the candidate as long as
+    it is free, and an insert of the key would have gone there."""
     if c >= 0:
-        if state[c] == EMPTY:
-            return -1
-        if tbl_holds(keys, state, expires, c, key, now):
+        st = state[c]
+        if not is_used(st):
+            if info[I_CLEAN] != 0:
+                return -1
+        elif tbl_holds(keys, state, expires, c, key, now):
             return c
     return tbl_lookup_inline(keys, state, expires, info, key, now)
+
+
+@inline_kernel
+def tbl_hint(state, e, c):
+    """What a loop that looked a key up leaves a later one (for
+    :func:`tbl_lookup_at`, :func:`tbl_insert_at`): the entry ``e`` it found, else the
+    candidate ``c`` when it is free (where the absent key would go), else -1."""
+    if e >= 0:
+        return e
+    if c >= 0 and not is_used(state[c]):
+        return c
+    return -1
+
+
+@inline_kernel
+def _place(keys, state, bucket, expires, info, key, bkt, exp, s, h):
+    """Put the entry of ``key`` (hash ``h``) in the free slot ``s``."""
+    if state[s] == TOMB:
+        info[I_TOMBS] -= 1
+    state[s] = used_code(h)
+    for w in range(key.shape[0]):
+        keys[s, w] = key[w]
+    bucket[s] = bkt
+    expires[s] = exp
+    info[I_LIVE] += 1
 
 
 @kernel
@@ -228,16 +271,8 @@ def tbl_insert(keys, state, bucket, expires, info, key, bkt, exp, now):
     h = tbl_hash(key)
     s = h & mask
     for _ in range(state.shape[0]):
-        st = state[s]
-        if not is_used(st):
-            if st == TOMB:
-                info[I_TOMBS] -= 1
-            state[s] = used_code(h)
-            for w in range(key.shape[0]):
-                keys[s, w] = key[w]
-            bucket[s] = bkt
-            expires[s] = exp
-            info[I_LIVE] += 1
+        if not is_used(state[s]):
+            _place(keys, state, bucket, expires, info, key, bkt, exp, s, h)
             return s
         s = (s + 1) & mask
     return -1
@@ -248,11 +283,25 @@ def tbl_insert(keys, state, bucket, expires, info, key, bkt, exp, now):
 tbl_insert_inline = inline_copy(tbl_insert)
 
 
+@inline_kernel
+def tbl_insert_at(keys, state, bucket, expires, info, key, bkt, exp, now, c):
+    """:func:`tbl_insert` given the key's candidate slot ``c`` (-1: none): when ``c``
+    is free and no slot was freed since the pass, it is the first free slot of the
+    key's probe path (see :func:`tbl_lookup_at`), where :func:`tbl_insert` would put
+    it, and it goes there without a probe."""
+    if c >= 0 and info[I_CLEAN] != 0 and not is_used(state[c]) \
+            and info[I_LIVE] < info[I_MAX]:
+        _place(keys, state, bucket, expires, info, key, bkt, exp, c, tbl_hash(key))
+        return c
+    return tbl_insert_inline(keys, state, bucket, expires, info, key, bkt, exp, now)
+
+
 @kernel
 def tbl_delete(state, info, slot):
     state[slot] = TOMB
     info[I_LIVE] -= 1
     info[I_TOMBS] += 1
+    info[I_CLEAN] = 0
 
 
 @kernel
@@ -351,6 +400,8 @@ def _remove(state, bucket, expires, info, want, every, now):
             n += 1
     info[I_LIVE] -= n
     info[I_TOMBS] += n
+    if n:
+        info[I_CLEAN] = 0
     return n
 
 
@@ -486,6 +537,7 @@ class HashTable:
         self.state[:] = EMPTY
         self.info[I_LIVE] = 0
         self.info[I_TOMBS] = 0
+        self.info[I_CLEAN] = 0
         _reinsert(self.keys, self.vals, self.state, self.bucket, self.expires, self.info,
                   *old, now)
         return expired

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
 from dva.nf.conntrack import V_USER, ct_make_key, ct_ported, ct_row_key
-from dva.nf.table import tbl_hash, tbl_lookup, tbl_lookup_at, tbl_prefetch
+from dva.nf.table import is_used, tbl_hash, tbl_hint, tbl_lookup, tbl_lookup_at, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
@@ -175,13 +175,15 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
     own entry (E1), which the decision loop looks up after translating the packet
     back. Otherwise that second lookup waits for its miss alone, packet after packet
     (the cost of a dependent miss in a table larger than the caches: about 250 ns
-    here). ``hints[i]``: the slot row i's lookup found (-1: none, or the row was not
-    looked up), where the decision loop's :func:`dva.nf.conntrack.ct_classify_at`
-    starts. The lookup may reclaim an expired entry, as the decision loop's would.
+    here). The lookup may reclaim an expired entry, as the decision loop's would.
 
     ``cands[i]``: the row's candidate slot from :func:`ct_prefetch` (-1: none; it
     may be ``hints`` itself), which the lookup checks first
-    (:func:`dva.nf.table.tbl_lookup_at`: nothing is inserted before it).
+    (:func:`dva.nf.table.tbl_lookup_at`). ``hints[i]``: the slot row i's lookup
+    found, else its candidate if free (:func:`dva.nf.table.tbl_hint`), and for a row
+    of another port its candidate: where the decision loop's
+    :func:`dva.nf.conntrack.ct_classify_at` and :func:`dva.nf.conntrack.ct_create`
+    start.
 
     The lookups come first, in a loop of their own: reading a row's ``U_KIND`` (in
     its record's second line) in the same loop would wait for that line at once; in
@@ -190,14 +192,15 @@ def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_p
     for i in range(n):
         row = meta[i]
         c = cands[i]
-        hints[i] = -1
+        hints[i] = c
         if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
             continue
         ct_row_key(key, data, row)
-        hints[i] = tbl_lookup_at(keys, state, expires, info, key, now, c)
+        hints[i] = tbl_hint(state, tbl_lookup_at(keys, state, expires, info, key, now, c),
+                            c)
     for i in range(n):
         e = hints[i]
-        if e < 0 or vals[e, U_KIND] != KIND_XLAT:
+        if e < 0 or not is_used(state[e]) or vals[e, U_KIND] != KIND_XLAT:
             continue
         row = meta[i]
         o = U_O
