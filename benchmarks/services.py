@@ -26,15 +26,16 @@ Scenarios (``SCENARIOS``: name -> builder; add new ones there):
   VTEPs: checks, VNI and VTEP, learning (a refresh per packet), the inner frame
   parsed afresh.
 * ``lb_select`` -- UDP/IPv4 frames to a VIP with 10 backends (DNAT), each opening a
-  new flow: Maglev table lookup, two conntrack entries, the rewrite. A fresh state
-  every 262144 flows (its first touch of a 256 MB table is counted, as in
-  ``stateful.py``'s ``fw_new``).
+  new flow: Maglev table lookup, a conntrack entry (DNAT keeps one per connection),
+  the rewrite. A fresh state every 262144 flows (its first touch of a 96 MB table is
+  counted, as in ``stateful.py``'s ``fw_new``).
 * ``lb_select_resident`` -- the same on a table whose pages exist (as in an LB
   that has run a while), emptied in place every 262144 flows (timed too).
 * ``lb_est`` -- frames of random established flows among 100,000 (DNAT): conntrack
   lookup, state update, the rewrite, per-backend counters.
 * ``lb_reply`` -- those flows' replies from their backends (back port): the
-  translated tuple's entry (E2), the rewrite back, the connection's entry (E1).
+  connection's entry (E1), found by the client's tuple to the VIP that lists the
+  backend, the rewrite back, the state update.
 
 The lb scenarios write each batch's addresses afresh (the lb rewrites them).
 """
@@ -301,7 +302,7 @@ def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -
     if not new_flows:  # open every flow once
         for k in range(0, LB_FLOWS, BATCH):
             batch(k)
-        assert len(cur["state"].ct.table) == 2 * LB_FLOWS
+        assert len(cur["state"].ct.table) == LB_FLOWS  # dnat: an entry per connection
         if reply:  # from E1: the translated destination, the original source
             ends = np.ascontiguousarray(
                 e1_tuples(cur["state"].ct.table, LB_FLOWS, LB_VIP)[:, [6, 7, 0, 1]])

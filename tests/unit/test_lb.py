@@ -248,6 +248,61 @@ def test_icmp_error_from_a_backend_path_is_translated_for_the_client():
     assert rig.counters()["lb icmp_errors_translated"] == 1 and be in BACKENDS
 
 
+def test_dnat_connections_hold_one_entry_and_the_table_max_flows_of_them():
+    rig = Rig(appliance(extra="    max_flows: 20"), slots=1024)
+    outs = rig.send("front", [syn(p) for p in range(41000, 41030)], 1.0)["back"]
+    t = rig.state.ct.table
+    assert len(outs) == 30 and len(t) == 20 == t.max_entries  # SYNs only: early drops
+    c = rig.counters()
+    assert c["lb flows_created"] == 30 and c["lb early_drops"] == 10
+    # the replies of the 20 kept return from the VIP; the others name no connection
+    # and pass as they are (the lb's other traffic)
+    replies = [frame(Ether(o)[SIP].dst, "192.0.2.7", TCP(
+        sport=8000, dport=Ether(o)[STCP].sport, seq=9, ack=1001, flags="SA"), front=False)
+        for o in outs]
+    back = rig.send("back", replies, 1.1)["front"]
+    mine = [Ether(b) for b in back if Ether(b)[SIP].src == VIP]
+    assert len(back) == 30 and len(mine) == 20 and all(checksums_ok(bytes(b)) for b in mine)
+    assert rig.counters()["lb untracked_passed"] == 10
+
+
+def test_a_backend_endpoint_listed_in_two_vips():
+    """DNAT names a reply's connection through the VIPs that list its backend
+    endpoint: with two, a client endpoint cannot have a connection to each on it
+    (``tuple_in_use``), and each reply returns from its own VIP."""
+    vip2 = "203.0.113.20"
+    text = appliance(backends=["{addr: 10.0.1.11, port: 8000}"]).replace(
+        "      dns:", f"      web2: {{addr: {vip2}, proto: tcp, port: 80, backends: "
+        f"[{{addr: 10.0.1.11, port: 8000}}, {{addr: 10.0.1.12, port: 8000}}]}}\n      dns:")
+    rig = Rig(text)
+    opened = {}
+    for p in range(42000, 42200):
+        (o,) = rig.send("front", [frame("192.0.2.7", vip2, TCP(sport=p, dport=80,
+                                                                flags="S"))], 1.0)["back"]
+        opened[p] = Ether(o)[SIP].dst
+    assert set(opened.values()) == {"10.0.1.11", "10.0.1.12"}
+    on11 = [p for p, be in opened.items() if be == "10.0.1.11"]
+    on12 = [p for p, be in opened.items() if be == "10.0.1.12"]
+    # web has 10.0.1.11 alone: from a port web2 has there, the tuple is taken
+    assert rig.send("front", [syn(on11[0])], 1.1)["back"] == []
+    assert rig.counters()["lb drop/tuple_in_use"] == 1
+    (o,) = rig.send("front", [syn(on12[0])], 1.1)["back"]
+    assert Ether(o)[SIP].dst == "10.0.1.11"
+    assert len(rig.state.ct.table) == 201  # no E2s
+
+    def reply(be, port):
+        return frame(be, "192.0.2.7", TCP(sport=8000, dport=port, seq=9, ack=1,
+                                          flags="SA"), front=False)
+    (b,) = rig.send("back", [reply("10.0.1.11", on12[0])], 1.2)["front"]
+    assert Ether(b)[SIP].src == VIP and checksums_ok(b)
+    backs = rig.send("back", [reply(be, p) for p, be in opened.items()], 1.3)["front"]
+    assert len(backs) == 200
+    assert all(Ether(b)[SIP].src == vip2 and checksums_ok(b) for b in backs)
+    # a backend's packet to a client endpoint it has no connection with passes
+    stray = reply("10.0.1.12", on11[0])
+    assert rig.send("back", [stray], 1.4)["front"] == [stray]
+
+
 def test_connections_survive_a_reload_that_adds_a_backend():
     from dva.packet.pool import PacketPool
     from dva.worker.engine import Engine
@@ -277,7 +332,7 @@ def test_flow_state_round_trips_through_export_and_import():
     st = rig.state
     data = st.export_flows(None, 1.5)
     other = rig.plan.devices[0].new_state()
-    assert other.import_flows(data, 1.5) == 100  # E1 + E2 per connection
+    assert other.import_flows(data, 1.5) == 50  # dnat: one entry (E1) per connection
     assert sorted(other.ct.table.entries(1.5)) == sorted(st.ct.table.entries(1.5))
     # health carries as shared state and rebuilds the tables
     rig.plan.devices[0].set_health(st, "web", f"{BACKENDS[1]}:8000", False, 1.6)

@@ -485,16 +485,17 @@ def _icmp_kind(itype):
     return 3
 
 
-@kernel
-def ct_related_key(pkt, n, l4, zone, key):
-    """The key of the connection an ICMP error at ``l4`` quotes, into ``key``.
-    Returns False when the quote is too short or not a trackable packet."""
+@inline_kernel
+def ct_quoted(pkt, n, l4):
+    """The tuple of the packet an ICMP error at ``l4`` quotes (bytes up to ``n``):
+    ``(ok, proto, src, sport, dst, dport)``; ``ok`` False when the quote is too
+    short or not a trackable packet (an echo request's identifier in both ports)."""
     q = l4 + 8
     if q + 20 > n or (i64(pkt[q]) >> 4) != 4:
-        return False
+        return False, 0, 0, 0, 0, 0
     ihl = (i64(pkt[q]) & 0xF) * 4
     if ihl < 20:
-        return False
+        return False, 0, 0, 0, 0, 0
     proto = i64(pkt[q + 9])
     src = rd32(pkt, q + 12)
     dst = rd32(pkt, q + 16)
@@ -503,16 +504,25 @@ def ct_related_key(pkt, n, l4, zone, key):
     dport = 0
     if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
         if il4 + 4 > n:
-            return False
+            return False, 0, 0, 0, 0, 0
         sport = rd16(pkt, il4)
         dport = rd16(pkt, il4 + 2)
     elif proto == L.PROTO_ICMP:
         if il4 + 8 > n or i64(pkt[il4]) != 8:
-            return False  # only echo requests are tracked and quoted
+            return False, 0, 0, 0, 0, 0  # only echo requests are tracked and quoted
         sport = rd16(pkt, il4 + 4)
         dport = sport
-    ct_make_key(key, zone, proto, src, sport, dst, dport)
-    return True
+    return True, proto, src, sport, dst, dport
+
+
+@kernel
+def ct_related_key(pkt, n, l4, zone, key):
+    """The key of the connection an ICMP error at ``l4`` quotes, into ``key``.
+    Returns False when the quote is too short or not a trackable packet."""
+    ok, proto, src, sport, dst, dport = ct_quoted(pkt, n, l4)
+    if ok:
+        ct_make_key(key, zone, proto, src, sport, dst, dport)
+    return ok
 
 
 @inline_kernel
@@ -725,7 +735,7 @@ def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
 
 __all__ = [
     "Conntrack", "ct_packet", "ct_classify", "ct_classify_at", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
-    "ct_related_key", "timeouts_array", "CT_EVENTS", "DEFAULT_TIMEOUTS", "NEW",
+    "ct_related_key", "ct_quoted", "timeouts_array", "CT_EVENTS", "DEFAULT_TIMEOUTS", "NEW",
     "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "REOPEN", "MAX_FLOWS_LIMIT",
     "TCP_NEXT", "TCP_STATE_NAMES",
 ]

@@ -23,7 +23,7 @@ Config::
           - {addr: 10.0.1.11, port: 8000, weight: 2}
           - {addr: 10.0.1.12}                 # port: the VIP's; weight 1
           - {addr: 10.0.1.13, up: false}      # administratively down
-    max_flows: 65536           # connections (each holds 2 table entries)
+    max_flows: 65536           # connections (fullnat: each holds 2 table entries)
     timeouts: {udp: 60}        # conntrack timeouts (conntrack.DEFAULT_TIMEOUTS)
     flush: false               # on a config reload: forget connections
 
@@ -42,7 +42,11 @@ Behaviour (drop reasons in ``DROPS``):
   ``invalid``) and all its packets, both ways, keep its backend for its life: a
   change of backends or of their health never moves a live connection.
 * ``dnat``: the destination becomes the backend (address, port); replies from it
-  get the VIP back as their source. The backend sees the client's address.
+  get the VIP back as their source. The backend sees the client's address. A
+  connection has one entry (E1, keyed by the client's tuple to the VIP): a reply's
+  tuple (backend -> client) names it through the VIPs that list that backend
+  endpoint (one, unless a backend is listed in several VIPs), so no second entry is
+  made and a new connection costs one insert.
 * ``fullnat``: also the source becomes (``snat``, a port), chosen so that the
   translated flow stays in the **flow bucket** of the original
   (:func:`dva.packet.parse.term_port`), and free; none free: ``ports_exhausted``.
@@ -57,8 +61,9 @@ Behaviour (drop reasons in ``DROPS``):
 * ARP passes; other non-IPv4 frames and VLAN-tagged ones: ``unsupported``; parse
   errors ``malformed``; bad IPv4 header checksum ``bad_checksum``; a non-first
   fragment to a VIP address (no ports to balance by): ``fragment``. A new
-  connection whose translated tuple is in use already (dnat: the client reached that
-  backend port directly with the same source port): ``tuple_in_use``.
+  connection whose translated tuple is in use already (dnat: the same client
+  endpoint has a connection to another VIP on the same backend endpoint):
+  ``tuple_in_use``.
 
 Health: a backend is used when its config says ``up`` (default) and its health
 state, if any, says up: :meth:`Lb.set_health` (a health checker or the manager)
@@ -70,7 +75,9 @@ the reply's tuple (backend -> client) hashes elsewhere, so a multi-worker dispat
 must steer replies to the owner (as for ``nat``'s port forwards).
 
 State (:class:`LbState`): the connection table (flow state: E1/E2 entries of
-:mod:`dva.nf.xlat`, plus the backend's number), the ``health`` table (shared) and
+:mod:`dva.nf.xlat`, E1 alone in ``dnat``, plus the backend's number; ``max_flows``
+connections, so ``2 * max_flows`` entries in ``fullnat``), the ``health`` table
+(shared) and
 the Maglev tables derived from config and health. Counters: ``conntrack.CT_EVENTS``,
 ``EVENTS``, then per VIP and backend ``VIP/ADDR:PORT flows`` (connections given to
 it) and ``VIP/ADDR:PORT packets`` (packets of its connections, both ways).
@@ -84,7 +91,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import i64, inline_kernel, kernel
+from dva._jit import inline_kernel, kernel
 from dva.nf.base import (
     Device,
     DeviceConfig,
@@ -96,21 +103,18 @@ from dva.nf.base import (
     two_ports,
 )
 from dva.nf.conntrack import (
-    ACK,
     CT_EVENTS,
+    E_RELATED,
     ESTABLISHED,
     F_ORIG_A,
-    FIN,
     FOUND,
     INVALID,
     MAX_FLOWS_LIMIT,
     NEW,
     RELATED,
     REOPEN,
-    RST,
     SWEEP_BATCH,
     SWEEP_TICK,
-    SYN,
     V_AUX,
     V_FLAGS,
     Conntrack,
@@ -123,6 +127,8 @@ from dva.nf.conntrack import (
     ct_make_key,
     ct_ported,
     ct_prefetch,
+    ct_quoted,
+    ct_row_key,
     ct_sweep,
     pack32,
     timeouts_array,
@@ -132,9 +138,9 @@ from dva.nf.table import (
     I_EXPIRED,
     HashTable,
     sorted_find,
+    tbl_begin_pass,
     tbl_hash,
-    tbl_hint,
-    tbl_insert_at,
+    tbl_insert_inline,
     tbl_lookup,
     tbl_lookup_at,
     tbl_prefetch_ctrl,
@@ -150,6 +156,7 @@ from dva.nf.xlat import (
     U_REFRESH,
     U_T,
     icmp_error_xlat,
+    icmp_error_xlat_from,
     prefetch_e1,
     read_tuple,
     refresh_due,
@@ -184,11 +191,12 @@ NOTES = ("", "to the backend", "back from the backend", "passes untracked",
 N_FWD, N_BACK, N_PASS, N_NEW, N_ARP, N_ICMP = range(1, len(NOTES))
 
 U_BACKEND = V_AUX  # the backend's number (into Lb.backends): conntrack's device word
+P_ALONE = 1 << 16  # in U_PORTS: a DNAT connection without E2 (its E1 names it)
 MAX_VIPS = 1024
 MAX_BACKENDS = 4096
 # vips[] columns, backends[] columns, cfg[]
 V_ADDR, V_PROTO, V_PORT, V_FIRST, V_COUNT, V_HASH = range(6)
-B_ADDR, B_PORT, B_VIP, B_HASH = range(4)
+B_ADDR, B_PORT, B_VIP, B_HASH, B_EP = range(5)  # B_EP: its endpoint's index (dnat)
 G_FULLNAT, G_SNAT, G_SNAT_H, G_PLO, G_PHI = range(5)
 HEALTH_LIFE = 100 * 365 * 86400.0  # health entries do not expire
 
@@ -327,7 +335,8 @@ class LbState(DeviceState):
     def __init__(self, config: LbConfig) -> None:
         super().__init__(C_BACKENDS + 2 * sum(len(v.backends) for v in config.vips.values()))
         self.config = config
-        self.ct = Conntrack(2 * config.max_flows, user_words=NUSER)
+        per_conn = 2 if config.mode == "fullnat" else 1
+        self.ct = Conntrack(per_conn * config.max_flows, user_words=NUSER)
         self.flow_tables["conntrack"] = self.ct.table
         self.health = HashTable(2, 1, MAX_BACKENDS)
         self.shared_tables["health"] = self.health
@@ -395,12 +404,41 @@ def _snat_port(keys, state, expires, info, key2, zone, proto, sa, sp, dp, nda, n
 
 
 @inline_kernel
+def ep_key(proto, addr, port):
+    """A backend endpoint (protocol, address, port) as one sortable word."""
+    return (proto << 48) | (addr << 16) | port
+
+
+@inline_kernel
+def _e1_of(keys, state, expires, info, vals, key, zone, proto, ca, cp, k, ep_first,
+           ep_rows, backends, vips, skip, now, c):
+    """DNAT: the connection (E1) of client endpoint (ca, cp) on backend endpoint
+    number ``k`` (``Lb.ep_keys``), through each VIP that lists the endpoint but VIP
+    ``skip``: the live E1 of (ca, cp) -> that VIP whose translated tuple is (ca,
+    cp) -> the endpoint; -1 when there is none. ``c``: the candidate slot of the
+    first VIP's key (the run-ahead's), or -1. ``key`` is overwritten."""
+    for j in range(ep_first[k], ep_first[k + 1]):
+        b = ep_rows[j]
+        u = backends[b, B_VIP]
+        if u == skip:
+            continue
+        ct_make_key(key, zone, proto, ca, cp, vips[u, V_ADDR], vips[u, V_PORT])
+        e = tbl_lookup_at(keys, state, expires, info, key, now,
+                          c if j == ep_first[k] else -1)
+        if e >= 0 and vals[e, U_KIND] == KIND_ORIG and vals[e, U_T] == ca \
+                and vals[e, U_T + 1] == cp and vals[e, U_T + 2] == backends[b, B_ADDR] \
+                and vals[e, U_T + 3] == backends[b, B_PORT]:
+            return e
+    return -1
+
+
+@inline_kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup, vips,
-              backends, maglev, cfg, mask, a_is_src, v, timeouts, events, now, c1, c2):
+              backends, ep_first, ep_rows, maglev, cfg, mask, a_is_src, v, timeouts,
+              events, now, c1):
     """Open the connection of a NEW packet to VIP ``v``: choose its backend, create
-    E1 and E2, rewrite the packet. ``c1``, ``c2``: E1's and E2's candidate slots, or
-    -1 (:func:`dva.nf.table.tbl_lookup_at`, :func:`dva.nf.table.tbl_insert_at`).
-    Returns E1's slot or -1 - drop reason."""
+    E1 (and in fullnat E2), rewrite the packet. ``c1``: E1's candidate slot, or -1
+    (:func:`dva.nf.conntrack.ct_create`). Returns E1's slot or -1 - drop reason."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
     l3 = row[L.L3_OFF]
@@ -418,15 +456,21 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     ndp = backends[b, B_PORT]
     nsa = sa
     nsp = sp
-    if cfg[G_FULLNAT]:
+    fullnat = cfg[G_FULLNAT] != 0
+    if fullnat:
         nsa = cfg[G_SNAT]
         nsp = _snat_port(keys, state, expires, info, key2, zone, proto, sa, sp, dp, nda,
                          ndp, vips[v, V_HASH], backends[b, B_HASH], cfg, mask, now)
         if nsp < 0:
             return -1 - D_EXHAUSTED
     else:
-        ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
-        if tbl_lookup_at(keys, state, expires, info, key2, now, c2) >= 0:
+        # the reply's tuple names the connection through the VIPs listing the
+        # backend endpoint: another VIP's connection from this client endpoint on it
+        # would make it ambiguous
+        k = backends[b, B_EP]
+        if ep_first[k + 1] - ep_first[k] > 1 and \
+                _e1_of(keys, state, expires, info, vals, key2, zone, proto, sa, sp, k,
+                       ep_first, ep_rows, backends, vips, v, now, -1) >= 0:
             return -1 - D_IN_USE
     e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, 0,
                    timeouts, events, 0, now, c1)
@@ -441,19 +485,21 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     vals[e1, U_T + 1] = nsp
     vals[e1, U_T + 2] = nda
     vals[e1, U_T + 3] = ndp
-    vals[e1, U_PORTS] = 1 << 8  # in by port 0 (front), out by port 1 (back)
+    # in by port 0 (front), out by port 1 (back)
+    vals[e1, U_PORTS] = (1 << 8) if fullnat else ((1 << 8) | P_ALONE)
     vals[e1, U_REFRESH] = 0  # so E2's lifetime is due now
     vals[e1, U_BACKEND] = b
-    a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
-    e2 = tbl_insert_at(keys, state, bucket, expires, info, key2, row[L.BUCKET],
-                       refresh_due(vals, expires, e1, now), now, c2)
-    if e2 < 0:
-        ct_delete(state, info, e1)
-        return -1 - D_TABLE_FULL
-    for w in range(vals.shape[1]):
-        vals[e2, w] = vals[e1, w]
-    vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
-    vals[e2, U_KIND] = KIND_XLAT
+    if fullnat:
+        a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
+        e2 = tbl_insert_inline(keys, state, bucket, expires, info, key2, row[L.BUCKET],
+                               refresh_due(vals, expires, e1, now), now)
+        if e2 < 0:
+            ct_delete(state, info, e1)
+            return -1 - D_TABLE_FULL
+        for w in range(vals.shape[1]):
+            vals[e2, w] = vals[e1, w]
+        vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
+        vals[e2, U_KIND] = KIND_XLAT
     translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
     events[C_BALANCED] += 1
     events[C_BACKENDS + 2 * b] += 1
@@ -485,74 +531,58 @@ def _count(vals, e, backends, events):
 
 
 @kernel
-def _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hints,
-                 vips, vip_addrs, backends, maglev, now):
-    """DNAT: prefetch the translated tuple's slot (E2) of each row that opens a
-    connection to a VIP: a new connection probes that slot (a tuple in use is
-    refused) and inserts there, a cache miss after E1's otherwise. Run after
-    :func:`ct_prefetch`: a row's own entry (E1) is looked up first, and a row that
-    has one (an established flow, whose E2 is not read) costs no Maglev read and no
-    lines fetched for nothing; TCP rows other than a bare SYN cannot open one and
-    are not looked up at all. The lookup may reclaim an expired entry, as the
-    decision loop's own would. ``slots[i]``: the row's candidate slot from
-    :func:`ct_prefetch`, where that lookup starts (:func:`dva.nf.table.tbl_lookup_at`).
-    ``hints[i]`` becomes the entry it finds, or the candidate if free
-    (:func:`dva.nf.table.tbl_hint`), where the decision loop's lookup and insert of
-    E1 start; ``slots[i]`` becomes E2's candidate (-1: none). Two passes, as
-    :func:`ct_prefetch`'s: E2's hash (into ``slots``) and the control bytes of its
-    home slot, then the record where it will go."""
+def _dnat_prefetch(state, expires, info, key, data, meta, n, hs, rev, vips, backends,
+                   ep_keys, ep_first, ep_rows):
+    """DNAT's run-ahead, in place of :func:`ct_prefetch` (the same two passes; ``hs``
+    ends with the candidates): a TCP/UDP row from the back port whose source is a
+    backend endpoint is looked up by the key of its connection -- the client's tuple
+    to the first VIP that lists the endpoint, as :func:`_e1_of` looks it up -- not
+    by its own tuple, which names no entry. ``rev[i]``: that endpoint's number, or
+    -1 for a row looked up by its own key (or not at all)."""
+    tbl_begin_pass(info)
     for i in range(n):
         row = meta[i]
-        c = slots[i]
-        slots[i] = -1
-        if row[L.IN_PORT] != 0 or not ct_ported(row):
+        hs[i] = -1
+        rev[i] = -1
+        if not ct_ported(row):
             continue
-        proto = row[L.PROTO]
-        s0 = row[L.START]
-        pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
-        l3 = row[L.L3_OFF]
-        l4 = row[L.L4_OFF]
-        if proto == L.PROTO_TCP and (i64(pkt[l4 + 13]) & (SYN | ACK | RST | FIN)) != SYN:
-            continue
-        dst = rd32(pkt, l3 + 16)
-        if sorted_find(vip_addrs, dst) < 0:
-            continue
-        dp = rd16(pkt, l4 + 2)
-        v = _find_vip(vips, dst, proto, dp)
-        if v < 0:
-            continue
-        src = rd32(pkt, l3 + 12)
-        sp = rd16(pkt, l4)
-        ct_make_key(key, row[L.TENANT], proto, src, sp, dst, dp)
-        e = tbl_lookup_at(keys, state, expires, info, key, now, c)
-        hints[i] = tbl_hint(state, e, c)
-        if e >= 0:
-            continue
-        j = maglev[v, row[L.HASH] % maglev.shape[1]]
-        if j < 0:
-            continue
-        b = vips[v, V_FIRST] + j
-        ct_make_key(key2, row[L.TENANT], proto, src, sp, backends[b, B_ADDR],
-                    backends[b, B_PORT])
-        h = tbl_hash(key2)
-        slots[i] = h
+        k = -1
+        if row[L.IN_PORT] == 1:
+            s0 = row[L.START]
+            pkt = data[row[L.SLOT], s0:s0 + row[L.LEN]]
+            l3 = row[L.L3_OFF]
+            l4 = row[L.L4_OFF]
+            proto = row[L.PROTO]
+            k = sorted_find(ep_keys, ep_key(proto, rd32(pkt, l3 + 12), rd16(pkt, l4)))
+            if k >= 0:
+                v = backends[ep_rows[ep_first[k]], B_VIP]
+                ct_make_key(key, row[L.TENANT], proto, rd32(pkt, l3 + 16),
+                            rd16(pkt, l4 + 2), vips[v, V_ADDR], vips[v, V_PORT])
+        if k < 0:
+            ct_row_key(key, data, row)
+        rev[i] = k
+        h = tbl_hash(key)
+        hs[i] = h
         tbl_prefetch_ctrl(state, h)
-    tbl_prefetch_found_rows(state, expires, slots, n)  # the records where E2s will go
+    tbl_prefetch_found_rows(state, expires, hs, n)
 
 
 @kernel
 def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slots, hints,
-              key2, tup, vips, vip_addrs, backends, be_addrs, maglev, cfg, mask, timeouts,
-              events, flags, now, sweep):
-    """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
+              key2, tup, vips, vip_addrs, backends, be_addrs, ep_keys, ep_first, ep_rows,
+              maglev, cfg, mask, timeouts, events, flags, now, sweep):
+    """Decide and translate rows [0, n). Returns the row count (nothing appended).
+    ``hints[i]``: row i's candidate slot, or the entry a run-ahead lookup found;
+    ``slots[i]`` (dnat): its backend endpoint's number from :func:`_dnat_prefetch`."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, info, key, data, meta, n, slots)  # slots: its scratch first
     fullnat = cfg[G_FULLNAT] != 0
-    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now, slots,
-                hints)
-    if not fullnat:
-        _prefetch_e2(data, meta, n, keys, state, expires, info, key, key2, slots, hints,
-                     vips, vip_addrs, backends, maglev, now)
+    if fullnat:
+        ct_prefetch(state, expires, info, key, data, meta, n, slots)  # slots: scratch
+        prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now,
+                    slots, hints)
+    else:
+        _dnat_prefetch(state, expires, info, key, data, meta, n, hints, slots, vips,
+                       backends, ep_keys, ep_first, ep_rows)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0
@@ -596,15 +626,41 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
                 row[L.NOTE] = N_PASS
                 events[C_PASSED] += 1
             continue
-        r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row, events,
-                                 0, now, hints[i])
+        proto = row[L.PROTO]
+        l4 = row[L.L4_OFF]
+        end = l3 + rd16(pkt, l3 + 2)
+        zone = row[L.TENANT]
+        hint = hints[i]
+        xe = -1  # dnat: the connection a packet from a backend endpoint belongs to
+        if not fullnat and inp == 1:
+            if slots[i] >= 0:  # from a backend endpoint: a reply?
+                xe = _e1_of(keys, state, expires, info, vals, key, zone, proto, dst,
+                            rd16(pkt, l4 + 2), slots[i], ep_first, ep_rows, backends,
+                            vips, -1, now, hint)
+                hint = -1  # the candidate was of that key, not of the row's own
+            elif error:  # about a packet sent to a backend endpoint?
+                ok, qp, qa, qap, qb, qbp = ct_quoted(pkt, end, l4)
+                k = sorted_find(ep_keys, ep_key(qp, qb, qbp)) if ok else -1
+                e = -1
+                if k >= 0:
+                    e = _e1_of(keys, state, expires, info, vals, key, zone, qp, qa, qap,
+                               k, ep_first, ep_rows, backends, vips, -1, now, -1)
+                if e >= 0:
+                    row[L.VERDICT] = icmp_error_xlat_from(data, row, vals, e, U_T, tup)
+                    row[L.NOTE] = N_ICMP
+                    events[E_RELATED] += 1
+                    events[C_ICMP_XLATE] += 1
+                    continue
+        if xe >= 0:
+            r, e, d = FOUND, xe, 1
+        else:
+            r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row,
+                                     events, 0, now, hint)
         if r == RELATED:
             row[L.VERDICT] = icmp_error_xlat(data, row, vals, e, tup)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
             continue
-        proto = row[L.PROTO]
-        l4 = row[L.L4_OFF]
         v = -1
         if inp == 0 and ours and (proto == L.PROTO_TCP or proto == L.PROTO_UDP):
             v = _find_vip(vips, dst, proto, rd16(pkt, l4 + 2))
@@ -621,16 +677,14 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
             row[L.NOTE] = N_PASS
             events[C_PASSED] += 1
             continue
-        end = l3 + rd16(pkt, l3 + 2)
-        zone = row[L.TENANT]
-        if r == FOUND and vals[e, U_KIND] == KIND_XLAT:
-            # a reply from the backend: back to the original tuple, then the
-            # connection's own entry (E1) judges it
+        if r == FOUND and (xe >= 0 or vals[e, U_KIND] == KIND_XLAT):
+            # a reply from the backend (found by E2, or in dnat through E1): back to
+            # the original tuple, then the connection's own entry (E1) judges it
             e2 = e
             translate(pkt, l3, l4, end, proto, vals, e2, U_T, U_O, tup)
             ports = vals[e2, U_PORTS]
-            r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events,
-                                  0, now)
+            r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row,
+                                     events, 0, now, e2)
             if r != FOUND or vals[e, U_KIND] != KIND_ORIG:
                 row[L.VERDICT] = drop_code(D_INVALID)  # the connection is gone
                 continue
@@ -638,9 +692,11 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
                     != ESTABLISHED:
                 row[L.VERDICT] = drop_code(D_INVALID)
                 continue
-            exp = refresh_due(vals, expires, e, now)
-            if exp > 0.0:
-                touch_e2(keys, state, expires, info, vals, key2, e, zone, proto, exp, now)
+            if (ports & P_ALONE) == 0:
+                exp = refresh_due(vals, expires, e, now)
+                if exp > 0.0:
+                    touch_e2(keys, state, expires, info, vals, key2, e, zone, proto, exp,
+                             now)
             _count(vals, e, backends, events)
             row[L.VERDICT] = (ports & 0xFF) if d == 1 else ((ports >> 8) & 0xFF)
             row[L.NOTE] = N_BACK
@@ -651,7 +707,8 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
                 row[L.VERDICT] = drop_code(D_INVALID)
                 continue
             if a == REOPEN:
-                # a new connection on a closed one's ports: forget it (E2 expires soon)
+                # a new connection on a closed one's ports: forget it (its E2, if
+                # any, expires soon)
                 ct_delete(state, info, e)
                 r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row,
                                       events, 0, now)
@@ -660,10 +717,11 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
                     row[L.VERDICT] = drop_code(D_INVALID)
                     continue
                 translate(pkt, l3, l4, end, proto, vals, e, U_O, U_T, tup)
-                exp = refresh_due(vals, expires, e, now)
-                if exp > 0.0:
-                    touch_e2(keys, state, expires, info, vals, key2, e, zone, proto, exp,
-                             now)
+                if (vals[e, U_PORTS] & P_ALONE) == 0:
+                    exp = refresh_due(vals, expires, e, now)
+                    if exp > 0.0:
+                        touch_e2(keys, state, expires, info, vals, key2, e, zone, proto,
+                                 exp, now)
                 _count(vals, e, backends, events)
                 row[L.VERDICT] = (vals[e, U_PORTS] >> 8) & 0xFF
                 row[L.NOTE] = N_FWD
@@ -677,8 +735,8 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
             events[C_PASSED] += 1
             continue
         e = _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup,
-                      vips, backends, maglev, cfg, mask, d, v, timeouts, events, now,
-                      hints[i], -1 if fullnat else slots[i])
+                      vips, backends, ep_first, ep_rows, maglev, cfg, mask, d, v,
+                      timeouts, events, now, hint)
         if e < 0:
             row[L.VERDICT] = drop_code(-1 - e)
             continue
@@ -700,17 +758,27 @@ class Lb(Device):
 
     def __init__(self, name: str, config: LbConfig) -> None:
         super().__init__(name, config)
-        vips, backends, names = [], [], []
+        vips, backends, names, eps = [], [], [], []
         for vname, v in config.vips.items():
             proto = L.PROTO_TCP if v.proto == "tcp" else L.PROTO_UDP
             va = host_address(v.addr)
             vips.append((va, proto, v.port, len(backends), len(v.backends),
                          int(addr_hash(va, 0, 0, 0))))
             for a, p in v.endpoints():
-                backends.append((a, p, len(vips) - 1, int(addr_hash(a, 0, 0, 0))))
+                backends.append([a, p, len(vips) - 1, int(addr_hash(a, 0, 0, 0)), 0])
+                eps.append(ep_key(proto, a, p))
                 names.append(f"{vname}/{ipaddress.IPv4Address(a)}:{p}")
+        # backend endpoints (protocol, address, port), sorted, and for each the
+        # backends (rows) that are it: one per VIP listing it
+        self.ep_keys = np.unique(np.array(eps, np.int64))
+        rows = [[] for _ in self.ep_keys]
+        for b, k in enumerate(eps):
+            backends[b][B_EP] = int(np.searchsorted(self.ep_keys, k))
+            rows[backends[b][B_EP]].append(b)
+        self.ep_first = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+        self.ep_rows = np.array([b for r in rows for b in r], np.int64)
         self.vips = np.array(vips, np.int64).reshape(-1, 6)
-        self.backends = np.array(backends, np.int64).reshape(-1, 4)
+        self.backends = np.array(backends, np.int64).reshape(-1, 5)
         self.vip_addrs = np.unique(self.vips[:, V_ADDR])
         self.be_addrs = np.unique(self.backends[:, B_ADDR])
         self.counters = CT_EVENTS + EVENTS + tuple(
@@ -765,7 +833,7 @@ class Lb(Device):
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, state.ct.key, state.scratch(batch.n, "slots"),
             state.scratch(batch.n, "hints"), state.key2, state.tup, self.vips,
-            self.vip_addrs, self.backends, self.be_addrs,
-            state.maglev, self.cfg, state.bucket_mask, self.timeouts, state.events,
+            self.vip_addrs, self.backends, self.be_addrs, self.ep_keys, self.ep_first,
+            self.ep_rows, state.maglev, self.cfg, state.bucket_mask, self.timeouts, state.events,
             state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)

@@ -139,6 +139,15 @@ def icmp_error_xlat(data, row, vals, e, tup):
     connection, the outer destination (the quoted packet's source) and source (if it
     is the quoted destination) alike, the ICMP checksum recomputed. Returns the port
     toward the quoted packet's source."""
+    return icmp_error_xlat_from(data, row, vals, e,
+                                U_T if vals[e, U_KIND] == KIND_XLAT else U_O, tup)
+
+
+@kernel
+def icmp_error_xlat_from(data, row, vals, e, f, tup):
+    """:func:`icmp_error_xlat` with the quoted packet in space ``f`` (U_O or U_T) of
+    connection ``e``, whatever the entry: an error about a translated packet of a
+    connection that has no E2 (the lb's DNAT), found through its E1."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
     l3 = row[L.L3_OFF]
@@ -147,7 +156,6 @@ def icmp_error_xlat(data, row, vals, e, tup):
     q = l4 + 8
     il4 = q + (i64(pkt[q]) & 0xF) * 4
     iproto = i64(pkt[q + 9])
-    f = U_T if vals[e, U_KIND] == KIND_XLAT else U_O
     g = U_O if f == U_T else U_T
     read_tuple(pkt, q, il4, end, iproto, tup)
     qa, qp, ra, rp = tup[0], tup[1], tup[2], tup[3]
