@@ -9,7 +9,18 @@ from hypothesis import strategies as st
 
 from dva.nf.registry import get
 from dva.nf.switch import SwitchConfig
-from dva.nf.table import HashTable, TableFull
+from dva.nf.table import (
+    HashTable,
+    TableFull,
+    tbl_begin_pass,
+    tbl_delete,
+    tbl_hash,
+    tbl_insert,
+    tbl_lookup,
+    tbl_lookup_at,
+    tbl_prefetch_ctrl,
+    tbl_prefetch_found_rows,
+)
 
 
 def test_put_get_expire_and_limit():
@@ -230,17 +241,7 @@ def test_a_lookup_from_a_candidate_slot_finds_what_a_lookup_finds():
     absent (an empty candidate, or a tombstone on the path), and expired (reclaimed,
     as a lookup does) -- also with no candidate, or another key's slot."""
     from dva._jit import kernel
-    from dva.nf.table import (
-        EMPTY,
-        tbl_begin_pass,
-        tbl_delete,
-        tbl_hash,
-        tbl_insert,
-        tbl_lookup,
-        tbl_lookup_at,
-        tbl_prefetch_ctrl,
-        tbl_prefetch_found_rows,
-    )
+    from dva.nf.table import EMPTY
 
     @kernel
     def candidates(state, expires, info, qkeys, hs):
@@ -293,18 +294,7 @@ def test_lookups_and_inserts_from_candidates_build_the_same_table(seed):
     what plain lookups and inserts give, in the same order, on a copy of the
     table; and while nothing is freed the candidates spare most probes."""
     from dva._jit import kernel
-    from dva.nf.table import (
-        I_CLEAN,
-        tbl_begin_pass,
-        tbl_delete,
-        tbl_hash,
-        tbl_insert,
-        tbl_insert_at,
-        tbl_lookup,
-        tbl_lookup_at,
-        tbl_prefetch_ctrl,
-        tbl_prefetch_found_rows,
-    )
+    from dva.nf.table import I_CLEAN, tbl_insert_at
 
     @kernel
     def batch(keys, state, bucket, expires, info, qkeys, dels, hs, out, clean, now):

@@ -6,6 +6,8 @@ translated tuple T. Both hold O and T in the original direction (user words
 ``U_O``/``U_T``: src addr, src port, dst addr, dst port; an ICMP echo's identifier
 in both port words), the device ports (ingress of the first packet | egress << 8)
 and, in E1, until when E2 (and a device's own side tables) were last made to live.
+(The lb in DNAT mode keeps E1 alone: a reply's tuple names its connection through
+the VIP that lists the backend, see :mod:`dva.nf.lb`.)
 
 The kernels here rewrite a packet from one space to the other with incremental
 checksum updates (RFC 1624), translate ICMP errors about a connection (RFC 5508:
