@@ -18,11 +18,12 @@ scenario with the current ``CLASS.process`` of ``MODULE`` and with ``OLD_FILE``'
 (a copy of the module from another revision, loaded beside it under another name),
 interleaved (each scenario run once untimed first, the versions taking turns to go
 first: the first run after a change of scenario is slower, by 8% in nat_est, which
-would count against one version). The old file runs against the current versions of everything it imports:
-where a helper it calls was renamed since, adapt the copy. Or give, instead of a file,
-another revision's ``src`` folder: its whole ``dva`` package is loaded beside the
-current one under another name, so that the old ``MODULE`` runs with the old versions
-of everything (a change to shared kernels, measured across every device using them).
+would count against one version). The old file runs against the current versions of
+everything it imports: where a helper it calls was renamed since, adapt the copy. Or
+give, instead of a file, another revision's ``src`` folder: its whole ``dva`` package
+is loaded beside the current one under another name, so that the old ``MODULE`` runs
+with the old versions of everything (a change to shared kernels, measured across
+every device using them).
 Prints the median, min and max Mpps of each scenario and version; nothing is written.
 """
 
