@@ -487,7 +487,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     vals[e1, U_T + 3] = ndp
     # in by port 0 (front), out by port 1 (back)
     vals[e1, U_PORTS] = (1 << 8) if fullnat else ((1 << 8) | P_ALONE)
-    vals[e1, U_REFRESH] = 0  # so E2's lifetime is due now
+    vals[e1, U_REFRESH] = 0  # fullnat: so E2's lifetime is due now
     vals[e1, U_BACKEND] = b
     if fullnat:
         a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
