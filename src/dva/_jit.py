@@ -275,3 +275,81 @@ if JIT_ENABLED:
 else:
     def prefetch(arr, idx, off):
         return None
+
+
+# -- calls without re-typing ---------------------------------------------------------
+#
+# numba's dispatcher types every argument of every call to choose the compiled code
+# (about 25 ns per argument here), then converts them (about 10 ns per array). A
+# device kernel takes 20 to 30 arrays, so its call cost 1.5 to 3 us per batch, 6 to 12
+# ns per packet at batch 256 -- as much as some devices' work. A call site whose
+# arguments keep their types can type them once.
+
+CHECK_CALLS = os.environ.get("DVA_CHECK_CALLS", "0") not in ("", "0")
+
+
+def _fingerprint(a):
+    """What numba's type of argument ``a`` depends on, cheaply (for the checks)."""
+    import numpy as np
+    if isinstance(a, np.ndarray):
+        f = a.flags  # numba's layout: C before F (a row or an empty array is both)
+        layout = "C" if f.c_contiguous else "F" if f.f_contiguous else "A"
+        return a.dtype, a.ndim, layout, f.writeable, f.aligned
+    if isinstance(a, (bool, np.bool_)):
+        return bool
+    if isinstance(a, (int, np.integer)):
+        return int
+    if isinstance(a, (float, np.floating)):
+        return float
+    return type(a)
+
+
+class KernelCall:
+    """Calls of kernel ``fn`` from one place whose arguments have the same numba
+    types every time (the same arrays, or arrays allocated alike; ints; floats): the
+    first call goes through numba's dispatcher, the next ones straight to the
+    compiled code it chose, without typing the arguments again.
+
+    The owner of a ``KernelCall`` keeps that promise: e.g. a device state keeps one
+    per device and kernel (:meth:`dva.nf.base.DeviceState.kernel_call`), whose
+    arrays are allocated once, or again with the same dtype and dimensions. Compiled
+    code given an array of another type would misread it, so with
+    ``DVA_CHECK_CALLS=1`` in the environment (the test suite sets it) every call
+    checks its arguments against the first call's and a change raises
+    ``TypeError``. When the dispatcher converted an argument (no compiled code has
+    exactly the arguments' types), every call goes through it. With the JIT off this
+    just calls ``fn``.
+    """
+
+    __slots__ = ("fn", "_entry", "_prints")
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._entry = None
+        self._prints = None
+
+    def __call__(self, *args):
+        entry = self._entry
+        if entry is None:
+            return self._first(args)
+        if CHECK_CALLS:
+            self._check(args)
+        return entry(*args)
+
+    def _first(self, args):
+        out = self.fn(*args)
+        overloads = getattr(self.fn, "overloads", None)
+        if overloads is not None and self._prints is None:
+            self._prints = tuple(_fingerprint(a) for a in args)
+            compiled = overloads.get(tuple(self.fn.typeof_pyval(a) for a in args))
+            if compiled is not None:
+                self._entry = compiled.entry_point
+        return out
+
+    def _check(self, args):
+        prints = tuple(_fingerprint(a) for a in args)
+        if prints != self._prints:
+            changed = [f"argument {i}: {a} -> {b}" for i, (a, b) in
+                       enumerate(zip(self._prints, prints)) if a != b]
+            raise TypeError(f"{self.fn.__name__} called with other argument types "
+                            f"than at its first call: {', '.join(changed)}")

@@ -40,7 +40,7 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from dva._jit import kernel
+from dva._jit import KernelCall, kernel
 from dva.nf.table import HashTable
 
 MULTI = -1
@@ -123,6 +123,7 @@ class DeviceState:
         self.flow_tables: dict[str, HashTable] = {}
         self.shared_tables: dict[str, HashTable] = {}
         self._scratch: dict[str, np.ndarray] = {}
+        self._calls: dict = {}
 
     def scratch(self, n: int, name: str = "rows") -> np.ndarray:
         """A kernel's work array ``name`` of at least ``n`` int64 (kernels do not
@@ -132,6 +133,16 @@ class DeviceState:
         if a is None or a.shape[0] < n:
             a = self._scratch[name] = np.zeros(max(n, 256), np.int64)
         return a
+
+    def kernel_call(self, device, fn) -> KernelCall:
+        """``device``'s calls of kernel ``fn`` on this state, which type their
+        arguments once (:class:`dva._jit.KernelCall`): the device's arrays and this
+        state's are allocated alike for the pair's whole life. Another device given
+        this state (a reload that carried it) gets calls of its own."""
+        c = self._calls.get(fn)
+        if c is None or c[0] is not device:
+            c = self._calls[fn] = (device, KernelCall(fn))
+        return c[1]
 
     # Flow state moves with its buckets.
     def export_flows(self, buckets, now: float) -> bytes:

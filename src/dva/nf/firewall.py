@@ -509,7 +509,7 @@ class Firewall(Device):
     def process(self, batch, state: FirewallState, now: float) -> None:
         pool = batch.pool
         t = state.ct.table
-        batch.n = firewall_kernel(
+        batch.n = state.kernel_call(self, firewall_kernel)(
             pool.data, pool.free, pool.top, batch.meta, batch.n, pool.headroom, self.rules,
             self.cfg, t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key,
             state.scratch(batch.n, "cands"), self.timeouts, state.events, state.flags, float(now),

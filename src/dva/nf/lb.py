@@ -829,7 +829,7 @@ class Lb(Device):
 
     def process(self, batch, state: LbState, now: float) -> None:
         t = state.ct.table
-        batch.n = lb_kernel(
+        batch.n = state.kernel_call(self, lb_kernel)(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, state.ct.key, state.scratch(batch.n, "slots"),
             state.scratch(batch.n, "hints"), state.key2, state.tup, self.vips,

@@ -728,7 +728,7 @@ class Nat(Device):
 
     def process(self, batch, state: NatState, now: float) -> None:
         t, m = state.ct.table, state.maps
-        batch.n = nat_kernel(
+        batch.n = state.kernel_call(self, nat_kernel)(
             batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
             state.ct.key, state.key2, state.mkey, state.tup,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dva._jit import kernel
+from dva._jit import KernelCall, kernel
 from dva.graph.plan import (
     G_BAD_VERDICT,
     G_EMPTY,
@@ -236,6 +236,7 @@ class Engine:
         self.outputs = [PacketBatch(pool, 256) for _ in plan.attachments]
         self.qstart = np.zeros(self.nq + 1, np.int64)
         self._scratch(1024)
+        self._route = KernelCall(route_kernel)  # 20 arguments, allocated alike always
         self.tracer = None  # callable(device_index, batch, n_in) for dva trace
 
     def _scratch(self, n: int) -> None:
@@ -300,7 +301,7 @@ class Engine:
             b.n = 0
             dev.process(b, self.states[d], 0.0)
             b.ensure_capacity(len(dev.ports))
-            route_kernel(data, self.pool.free, self.pool.top, b.meta, 0, 0,
+            self._route(data, self.pool.free, self.pool.top, b.meta, 0, 0,
                          self.plan.dest_q[d], self.plan.dest_port[d], self.plan.ndev,
                          self.nq, self.hop_limit, c.tx, c.drops, c.misc, self.graph_drops,
                          self.sr, self.sp, self.ss, self.sq, self.out, self.qstart)
@@ -341,7 +342,7 @@ class Engine:
             worst = b.n * max(1, len(dev.ports))
             if worst > self.sr.shape[0]:
                 self._scratch(2 * worst)
-            k = route_kernel(self.pool.data, self.pool.free, self.pool.top, b.meta, n_in,
+            k = self._route(self.pool.data, self.pool.free, self.pool.top, b.meta, n_in,
                              b.n, plan.dest_q[d], plan.dest_port[d], ndev, self.nq,
                              self.hop_limit, c.tx, c.drops, c.misc, self.graph_drops,
                              self.sr, self.sp, self.ss, self.sq, self.out, self.qstart)

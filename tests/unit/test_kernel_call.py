@@ -1,0 +1,67 @@
+"""KernelCall: calls that type their arguments once give what numba's dispatcher
+gives, refuse arguments of other types (the suite runs with the check on), and
+belong to one device and state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dva._jit as jit
+from dva._jit import KernelCall, kernel
+from dva.nf.registry import get
+
+
+@kernel
+def _add_rows(out, rows, n, scale):
+    """out[i] += rows[i, 0] * scale for i < n; returns the sum added."""
+    s = 0.0
+    for i in range(n):
+        v = rows[i, 0] * scale
+        out[i] += v
+        s += v
+    return s
+
+
+def test_calls_give_what_the_dispatcher_gives_and_skip_its_typing():
+    out_a, out_b = np.zeros(8), np.zeros(8)
+    rows = np.arange(16, dtype=np.int64).reshape(8, 2)
+    call = KernelCall(_add_rows)
+    for n, scale in ((3, 1.0), (8, 0.5), (0, 2.0), (5, -1.5)):
+        assert call(out_a, rows, n, scale) == _add_rows(out_b, rows, n, scale)
+    assert np.array_equal(out_a, out_b)
+    if jit.JIT_ENABLED:  # after the first call, straight to the compiled code
+        assert call._entry is not None
+
+
+@pytest.mark.skipif(not jit.JIT_ENABLED, reason="the check guards compiled code")
+def test_arguments_of_another_type_are_refused_before_the_kernel_runs(monkeypatch):
+    monkeypatch.setattr(jit, "CHECK_CALLS", True)
+    out = np.zeros(4)
+    rows = np.ones((4, 2), np.int64)
+    call = KernelCall(_add_rows)
+    call(out, rows, 4, 1.0)
+    before = out.copy()
+    with pytest.raises(TypeError, match="argument 1"):
+        call(out, rows.astype(np.int32), 4, 1.0)
+    with pytest.raises(TypeError, match="argument 1"):  # a column view: layout A
+        call(out, np.ones((4, 3), np.int64)[:, 1:], 4, 1.0)
+    with pytest.raises(TypeError, match="argument 3"):
+        call(out, rows, 4, 1)
+    assert np.array_equal(out, before)
+    # a row is C- and F-contiguous: numba types it C, as the rows above
+    call(out[:1], rows[:1], 1, 1.0)
+    assert out[0] == before[0] + 1.0
+
+
+def test_a_state_keeps_calls_per_device():
+    cls = get("nat")
+    cfg = cls.config_model.model_validate(
+        {"type": "nat", "ports": ["inside", "outside"], "snat": {"to": "198.51.100.2"}})
+    a, b = cls("a", cfg), cls("b", cfg)
+    st = a.new_state()
+    call = st.kernel_call(a, _add_rows)
+    assert st.kernel_call(a, _add_rows) is call
+    other = st.kernel_call(b, _add_rows)  # a reload that carried the state
+    assert other is not call
+    assert st.kernel_call(b, _add_rows) is other
