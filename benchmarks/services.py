@@ -37,7 +37,8 @@ Scenarios (``SCENARIOS``: name -> builder; add new ones there):
   connection's entry (E1), found by the client's tuple to the VIP that lists the
   backend, the rewrite back, the state update.
 
-The lb scenarios write each batch's addresses afresh (the lb rewrites them).
+The lb scenarios write each batch's addresses afresh (the lb rewrites them) and
+its rows' in-port, in kernels, timed with the rest.
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -
     import numpy as np
     from stateful import e1_tuples, udp_flow_fill
 
+    from dva._jit import kernel
     from dva.packet import layout as L
     from dva.packet.batch import PacketBatch
     from dva.packet.build import UDP, Eth, IPv4
@@ -281,6 +283,11 @@ def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -
     data, meta = pool.data, b.meta
     slots, starts = meta[:BATCH, L.SLOT].copy(), meta[:BATCH, L.START].copy()
     fill = udp_flow_fill()  # the lb rewrites the destination: written before each batch
+
+    @kernel
+    def in_port(meta, n, port):  # a numpy slice assignment costs 0.9 us a batch
+        for i in range(n):
+            meta[i, L.IN_PORT] = port
     rng = np.random.default_rng(2)
     cur = {"state": dev.new_state(), "k": 0}
     ids = (np.arange(per_run, dtype=np.int64) if new_flows
@@ -295,7 +302,7 @@ def _lb_scenario(new_flows: bool, resident: bool = False, reply: bool = False) -
         else:
             rfill(data, slots, starts, ids, k0, ends)
         b.n = BATCH
-        meta[:BATCH, L.IN_PORT] = 0 if ends is None else 1
+        in_port(meta, BATCH, 0 if ends is None else 1)
         parse_batch(data, meta, 0, BATCH, 4095)
         dev.process(b, cur["state"], 1.0)
 
