@@ -280,10 +280,10 @@ else:
 # -- calls without re-typing ---------------------------------------------------------
 #
 # numba's dispatcher types every argument of every call to choose the compiled code
-# (about 25 ns per argument here), then converts them (about 10 ns per array). A
-# device kernel takes 20 to 30 arrays, so its call cost 1.5 to 3 us per batch, 6 to 12
-# ns per packet at batch 256 -- as much as some devices' work. A call site whose
-# arguments keep their types can type them once.
+# (about 25 ns per argument here), then converts it (about 10 ns per array). A
+# device's kernel takes 20 to 30 arguments: typing them cost about 0.5 us per batch,
+# 2 ns per packet at batch 256 (benchmarks/call_cost.py). A call site whose arguments
+# keep their types can type them once.
 
 CHECK_CALLS = os.environ.get("DVA_CHECK_CALLS", "0") not in ("", "0")
 
