@@ -572,14 +572,13 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
               key2, tup, vips, vip_addrs, backends, be_addrs, ep_keys, ep_first, ep_rows,
               maglev, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended).
-    ``hints[i]``: row i's candidate slot, or the entry a run-ahead lookup found;
-    ``slots[i]`` (dnat): its backend endpoint's number from :func:`_dnat_prefetch`."""
+    ``hints[i]``: row i's candidate slot from the run-ahead; ``slots[i]`` (dnat):
+    its backend endpoint's number from :func:`_dnat_prefetch`."""
     expired_before = info[I_EXPIRED]
     fullnat = cfg[G_FULLNAT] != 0
     if fullnat:
-        ct_prefetch(state, expires, info, key, data, meta, n, slots)  # slots: scratch
-        prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, 1, now,
-                    slots, hints)
+        ct_prefetch(state, expires, info, key, data, meta, n, hints)
+        prefetch_e1(meta, n, state, vals, expires, key2, 1, hints)
     else:
         _dnat_prefetch(state, expires, info, key, data, meta, n, hints, slots, vips,
                        backends, ep_keys, ep_first, ep_rows)

@@ -573,9 +573,8 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
                static, dnat, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, info, key, data, meta, n, hints)  # hints: its scratch first
-    prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, -1, now, hints,
-                hints)
+    ct_prefetch(state, expires, info, key, data, meta, n, hints)  # hints: candidates
+    prefetch_e1(meta, n, state, vals, expires, key2, -1, hints)
     for i in range(n):
         row = meta[i]
         row[L.NOTE] = 0

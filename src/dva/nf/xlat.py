@@ -20,8 +20,8 @@ field, they cost about 40 ns per packet each.
 from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
-from dva.nf.conntrack import V_USER, ct_make_key, ct_ported, ct_row_key
-from dva.nf.table import is_used, tbl_hash, tbl_hint, tbl_lookup, tbl_lookup_at, tbl_prefetch
+from dva.nf.conntrack import V_USER, ct_make_key
+from dva.nf.table import is_used, tbl_hash, tbl_lookup, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
@@ -177,45 +177,31 @@ def icmp_error_xlat_from(data, row, vals, e, f, tup):
 
 
 @kernel
-def prefetch_e1(data, meta, n, keys, state, vals, expires, info, key, key2, in_port, now,
-                cands, hints):
-    """Run after :func:`dva.nf.conntrack.ct_prefetch`: look up each TCP/UDP row's
-    entry (from port ``in_port``, or any when -1) and, when it is a translated
-    tuple's (E2: a reply, or a packet sent to a mapping), prefetch the connection's
-    own entry (E1), which the decision loop looks up after translating the packet
-    back. Otherwise that second lookup waits for its miss alone, packet after packet
-    (the cost of a dependent miss in a table larger than the caches: about 250 ns
-    here). The lookup may reclaim an expired entry, as the decision loop's would.
+def prefetch_e1(meta, n, state, vals, expires, key2, in_port, cands):
+    """Run after :func:`dva.nf.conntrack.ct_prefetch`: for each row (from port
+    ``in_port``, or any when -1) whose candidate slot ``cands[i]`` holds a translated
+    tuple's entry (E2: a reply, or a packet sent to a mapping), prefetch the
+    connection's own entry (E1), which the decision loop looks up after translating
+    the packet back. Otherwise that second lookup waits for its miss alone, packet
+    after packet (the cost of a dependent miss in a table larger than the caches:
+    about 250 ns here).
 
-    ``cands[i]``: the row's candidate slot from :func:`ct_prefetch` (-1: none; it
-    may be ``hints`` itself), which the lookup checks first
-    (:func:`dva.nf.table.tbl_lookup_at`). ``hints[i]``: the slot row i's lookup
-    found, else its candidate if free (:func:`dva.nf.table.tbl_hint`), and for a row
-    of another port its candidate: where the decision loop's
-    :func:`dva.nf.conntrack.ct_classify_at` and :func:`dva.nf.conntrack.ct_create`
-    start.
-
-    The lookups come first, in a loop of their own: reading a row's ``U_KIND`` (in
-    its record's second line) in the same loop would wait for that line at once; in
-    a second loop over the rows the lines have come."""
+    A hint, not a lookup: the run-ahead's second pass fetched each candidate's
+    record, and a candidate that holds another key with the same control byte (one
+    in 64) costs a useless prefetch. The rows' keys are not built and compared here:
+    the decision loop's lookups start from the same candidates
+    (:func:`dva.nf.conntrack.ct_classify_at`)."""
     mask = state.shape[0] - 1
     for i in range(n):
-        row = meta[i]
         c = cands[i]
-        hints[i] = c
-        if (in_port >= 0 and row[L.IN_PORT] != in_port) or not ct_ported(row):
-            continue
-        ct_row_key(key, data, row)
-        hints[i] = tbl_hint(state, tbl_lookup_at(keys, state, expires, info, key, now, c),
-                            c)
-    for i in range(n):
-        e = hints[i]
-        if e < 0 or not is_used(state[e]) or vals[e, U_KIND] != KIND_XLAT:
+        if c < 0 or not is_used(state[c]) or vals[c, U_KIND] != KIND_XLAT:
             continue
         row = meta[i]
+        if in_port >= 0 and row[L.IN_PORT] != in_port:
+            continue
         o = U_O
-        ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[e, o], vals[e, o + 1],
-                    vals[e, o + 2], vals[e, o + 3])
+        ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[c, o], vals[c, o + 1],
+                    vals[c, o + 2], vals[c, o + 3])
         tbl_prefetch(state, expires, tbl_hash(key2) & mask)
 
 
