@@ -32,6 +32,7 @@ def test_calls_give_what_the_dispatcher_gives_and_skip_its_typing():
     assert np.array_equal(out_a, out_b)
     if jit.JIT_ENABLED:  # after the first call, straight to the compiled code
         assert call._entry is not None
+        assert call.target is (call if jit.CHECK_CALLS else call._entry)
 
 
 @pytest.mark.skipif(not jit.JIT_ENABLED, reason="the check guards compiled code")

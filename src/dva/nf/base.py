@@ -134,15 +134,16 @@ class DeviceState:
             a = self._scratch[name] = np.zeros(max(n, 256), np.int64)
         return a
 
-    def kernel_call(self, device, fn) -> KernelCall:
-        """``device``'s calls of kernel ``fn`` on this state, which type their
-        arguments once (:class:`dva._jit.KernelCall`): the device's arrays and this
-        state's are allocated alike for the pair's whole life. Another device given
-        this state (a reload that carried it) gets calls of its own."""
+    def kernel_call(self, device, fn):
+        """What ``device`` calls to run kernel ``fn`` on this state: a
+        :class:`dva._jit.KernelCall`'s ``target``, which types the arguments once
+        (the device's arrays and this state's are allocated alike for the pair's whole
+        life). Another device given this state (a reload that carried it) gets calls
+        of its own."""
         c = self._calls.get(fn)
         if c is None or c[0] is not device:
             c = self._calls[fn] = (device, KernelCall(fn))
-        return c[1]
+        return c[1].target
 
     # Flow state moves with its buckets.
     def export_flows(self, buckets, now: float) -> bytes:

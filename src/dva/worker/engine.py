@@ -301,10 +301,11 @@ class Engine:
             b.n = 0
             dev.process(b, self.states[d], 0.0)
             b.ensure_capacity(len(dev.ports))
-            self._route(data, self.pool.free, self.pool.top, b.meta, 0, 0,
-                        self.plan.dest_q[d], self.plan.dest_port[d], self.plan.ndev,
-                        self.nq, self.hop_limit, c.tx, c.drops, c.misc, self.graph_drops,
-                        self.sr, self.sp, self.ss, self.sq, self.out, self.qstart)
+            self._route.target(
+                data, self.pool.free, self.pool.top, b.meta, 0, 0, self.plan.dest_q[d],
+                self.plan.dest_port[d], self.plan.ndev, self.nq, self.hop_limit, c.tx,
+                c.drops, c.misc, self.graph_drops, self.sr, self.sp, self.ss, self.sq,
+                self.out, self.qstart)
 
     def tick(self, now: float, devices: list[int] | None = None) -> list[PacketBatch]:
         """Let devices that act on time alone (``Device.ticks``; only those among
@@ -342,10 +343,11 @@ class Engine:
             worst = b.n * max(1, len(dev.ports))
             if worst > self.sr.shape[0]:
                 self._scratch(2 * worst)
-            k = self._route(self.pool.data, self.pool.free, self.pool.top, b.meta, n_in,
-                            b.n, plan.dest_q[d], plan.dest_port[d], ndev, self.nq,
-                            self.hop_limit, c.tx, c.drops, c.misc, self.graph_drops,
-                            self.sr, self.sp, self.ss, self.sq, self.out, self.qstart)
+            k = self._route.target(
+                self.pool.data, self.pool.free, self.pool.top, b.meta, n_in, b.n,
+                plan.dest_q[d], plan.dest_port[d], ndev, self.nq, self.hop_limit, c.tx,
+                c.drops, c.misc, self.graph_drops, self.sr, self.sp, self.ss, self.sq,
+                self.out, self.qstart)
             b.n = 0
             if k == 0:
                 continue
