@@ -240,25 +240,31 @@ class FirewallConfig(DeviceConfig):
 
     @model_validator(mode="after")
     def _rules(self) -> FirewallConfig:
-        for i, r in enumerate(self.rules):
-            if r.from_ != "any" and r.from_ not in self.ports:
-                raise ValueError(f"rules[{i}]: from {r.from_!r} is not a port of this "
-                                 f"firewall ({', '.join(self.ports)})")
-        rows = sum(len(r.nets("src")) * len(r.nets("dst")) for r in self.rules)
-        if rows > MAX_RULES:
-            raise ValueError(f"{rows} rules after expanding address lists; at most "
-                             f"{MAX_RULES}")
+        check_rules(self.rules, self.ports, "firewall")
         return self
 
     def port_names(self) -> list[str]:
         return list(self.ports)
 
 
-def compile_rules(config: FirewallConfig) -> np.ndarray:
+def check_rules(rules: list[Rule], ports: list[str], what: str) -> None:
+    """Rules name ports of the device (``what``: its type, for the message) and
+    expand to at most ``MAX_RULES`` rows."""
+    for i, r in enumerate(rules):
+        if r.from_ != "any" and r.from_ not in ports:
+            raise ValueError(f"rules[{i}]: from {r.from_!r} is not a port of this "
+                             f"{what} ({', '.join(ports)})")
+    rows = sum(len(r.nets("src")) * len(r.nets("dst")) for r in rules)
+    if rows > MAX_RULES:
+        raise ValueError(f"{rows} rules after expanding address lists; at most "
+                         f"{MAX_RULES}")
+
+
+def compile_rules(rules: list[Rule], ports: list[str]) -> np.ndarray:
     """One row per (rule, src net, dst net): the matcher's table."""
     rows = []
-    for n, r in enumerate(config.rules):
-        frm = -1 if r.from_ == "any" else config.ports.index(r.from_)
+    for n, r in enumerate(rules):
+        frm = -1 if r.from_ == "any" else ports.index(r.from_)
         sp = port_range(r.sport) if r.sport is not None else (0, 65535)
         dp = port_range(r.dport) if r.dport is not None else (0, 65535)
         it = -1 if r.icmp_type is None else r.icmp_type
@@ -302,9 +308,11 @@ def _match(rules, inp, proto, src, dst, sport, dport, itype):
 
 
 @kernel
-def _reject(data, free, top, meta, i, total, headroom, events):
+def _reject(data, free, top, meta, i, total, headroom, events, ev, note):
     """Append the answer to rejected row ``i`` (a TCP RST or an ICMP port
-    unreachable), out the ingress port; returns the row count."""
+    unreachable), out the ingress port, noted ``note``; returns the row count.
+    Counted at ``events[ev]`` (RST sent), ``ev + 1`` (ICMP sent), ``ev + 2`` (no
+    slot for it)."""
     row = meta[i]
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
@@ -320,7 +328,7 @@ def _reject(data, free, top, meta, i, total, headroom, events):
     c = take_slot(free, top, meta, total)
     if c < 0:
         if c == NO_SLOT:  # (max_emit = 1 keeps a row free for the answer)
-            events[C_POOL] += 1
+            events[ev + 2] += 1
         return total
     buf = data[c]
     h = headroom
@@ -360,7 +368,7 @@ def _reject(data, free, top, meta, i, total, headroom, events):
         acc = pseudo_header_sum(buf, ip, False, L.PROTO_TCP, 20)
         wr16(buf, t + 16, csum_fold(csum_add(buf, t, 20, acc)))
         length = 54
-        events[C_RST] += 1
+        events[ev] += 1
     else:
         q = rd16(pkt, l3 + 2)
         if q > QUOTE_MAX:
@@ -378,7 +386,7 @@ def _reject(data, free, top, meta, i, total, headroom, events):
             buf[t + 8 + b] = pkt[l3 + b]
         wr16(buf, t + 2, csum_fold(csum_add(buf, t, 8 + q, 0)))
         length = 42 + q
-        events[C_ICMP] += 1
+        events[ev + 1] += 1
     wr16(buf, ip + 10, 0)
     wr16(buf, ip + 10, ipv4_header_checksum(buf, ip))
     if length < 60:
@@ -390,7 +398,7 @@ def _reject(data, free, top, meta, i, total, headroom, events):
     meta[total, L.START] = h
     meta[total, L.LEN] = length
     meta[total, L.VERDICT] = row[L.IN_PORT]
-    meta[total, L.NOTE] = N_REPLY
+    meta[total, L.NOTE] = note
     return total + 1
 
 
@@ -471,7 +479,8 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
             row[L.VERDICT] = drop_code(D_DENIED)
             row[L.NOTE] = N_DENIED
         else:
-            total = _reject(data, free, top, meta, i, total, headroom, events)
+            total = _reject(data, free, top, meta, i, total, headroom, events, C_RST,
+                            N_REPLY)
             row[L.VERDICT] = drop_code(D_REJECTED)
             row[L.NOTE] = N_REJECTED
     flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
@@ -493,7 +502,7 @@ class Firewall(Device):
         super().__init__(name, config)
         self.counters = CT_EVENTS + OWN_EVENTS + tuple(
             f"rule{i + 1}_hits" for i in range(len(config.rules)))
-        self.rules = compile_rules(config)
+        self.rules = compile_rules(config.rules, config.ports)
         self.cfg = np.array([ACTIONS[config.default], config.fragments == "allow",
                              config.invalid == "allow"], np.int64)
         self.timeouts = timeouts_array(config.timeouts)
