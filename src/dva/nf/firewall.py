@@ -286,7 +286,7 @@ class FirewallState(DeviceState):
 # -- kernels ---------------------------------------------------------------------------
 
 @kernel
-def _match(rules, inp, proto, src, dst, sport, dport, itype):
+def match_rule(rules, inp, proto, src, dst, sport, dport, itype):
     """Index of the first matching compiled rule, or -1."""
     for j in range(rules.shape[0]):
         if rules[j, R_FROM] >= 0 and rules[j, R_FROM] != inp:
@@ -308,7 +308,7 @@ def _match(rules, inp, proto, src, dst, sport, dport, itype):
 
 
 @kernel
-def _reject(data, free, top, meta, i, total, headroom, events, ev, note):
+def send_reject(data, free, top, meta, i, total, headroom, events, ev, note):
     """Append the answer to rejected row ``i`` (a TCP RST or an ICMP port
     unreachable), out the ingress port, noted ``note``; returns the row count.
     Counted at ``events[ev]`` (RST sent), ``ev + 1`` (ICMP sent), ``ev + 2`` (no
@@ -456,8 +456,8 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
         proto = row[L.PROTO]
         sport, dport = l4_ports(pkt, l4, proto)
         itype = i64(pkt[l4]) if proto == L.PROTO_ICMP else -1
-        j = _match(rules, inp, proto, rd32(pkt, l3 + 12), rd32(pkt, l3 + 16), sport, dport,
-                   itype)
+        j = match_rule(rules, inp, proto, rd32(pkt, l3 + 12), rd32(pkt, l3 + 16), sport,
+                       dport, itype)
         if j >= 0:
             action = rules[j, R_ACTION]
             events[C_RULES + rules[j, R_RULE]] += 1
@@ -479,8 +479,8 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
             row[L.VERDICT] = drop_code(D_DENIED)
             row[L.NOTE] = N_DENIED
         else:
-            total = _reject(data, free, top, meta, i, total, headroom, events, C_RST,
-                            N_REPLY)
+            total = send_reject(data, free, top, meta, i, total, headroom, events, C_RST,
+                                N_REPLY)
             row[L.VERDICT] = drop_code(D_REJECTED)
             row[L.NOTE] = N_REJECTED
     flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)

@@ -21,6 +21,11 @@ Config::
     hairpin: true                          # inside hosts reach mappings of others
     max_flows: 65536                       # connections (each holds 2 table entries)
     timeouts: {udp: 60}                    # conntrack timeouts (conntrack.DEFAULT_TIMEOUTS)
+    filter:                                # optional: rules for new connections
+      default: deny                        # allow | deny | reject
+      rules:                               # dva.nf.firewall's rules, first match wins
+        - {action: allow, from: inside}
+        - {action: allow, from: outside, proto: tcp, dst: 10.0.0.50, dport: 80}
 
 Behaviour (drop reasons in ``DROPS``):
 
@@ -42,9 +47,21 @@ Behaviour (drop reasons in ``DROPS``):
 * From outside, a new connection to a ``dnat`` port forward or a ``static`` outside
   address is destination-translated; with ``filtering: endpoint-independent`` (REQ-8)
   also one to any live mapping. Anything else passes untranslated (and tracked):
-  traffic to the NAT's own address, e.g. the router behind it (filtering is the
-  firewall's job). With the default address-and-port-dependent filtering, only
+  traffic to the NAT's own address, e.g. the router behind it (unless ``filter``
+  says otherwise). With the default address-and-port-dependent filtering, only
   replies of existing connections reach a mapping.
+* ``filter`` (a firewall in the NAT: one connection entry, looked up once, both
+  filters and translates): a packet that would open a connection is matched against
+  the rules (:mod:`dva.nf.firewall`: ``from``, ``src``, ``dst``, ``proto``, ports,
+  ``icmp_type``) as the inside sees it, like Linux's forward chain: after destination
+  translation (a port forward's or static address's inside target, a hairpinned
+  connection's inside target), before source translation (the inside source). The
+  first match, else ``default``, decides: ``allow`` goes on as above; ``deny`` drops
+  it (``denied``) before any mapping is made; ``reject`` drops it (``rejected``) and
+  answers out the ingress port, from the untranslated packet, a TCP RST or an ICMP
+  port unreachable (as the firewall does). Packets of an allowed connection (replies,
+  RELATED ICMP errors) pass without rules; packets conntrack does not track (ICMP
+  other than echo and errors) are matched as they are. Each rule counts its hits.
 * Hairpinning (REQ-9): a new connection from inside to an external address of the
   NAT (a mapping, a port forward, a static address) is translated both ways (source
   to its own mapping, destination to the inside target) and sent back inside.
@@ -63,7 +80,9 @@ reassembled.
 State (:class:`NatState`): the connection table (flow state: two entries per
 translated connection, the original and the translated tuple) and the mapping table
 (shared: inside endpoint <-> external endpoint, for endpoint-independent mapping).
-Counters: ``conntrack.CT_EVENTS`` then ``EVENTS``.
+Counters: ``conntrack.CT_EVENTS`` then ``EVENTS``; with a filter also
+``FILTER_EVENTS`` (``rst_sent``, ``icmp_sent``, ``pool_exhausted`` (no slot for an
+answer), ``default_hits``) and ``ruleN_hits`` for rule N (1-based).
 """
 
 from __future__ import annotations
@@ -73,7 +92,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dva._jit import inline_kernel, kernel
+from dva._jit import i64, inline_kernel, kernel
 from dva.nf.base import (
     Device,
     DeviceConfig,
@@ -112,6 +131,18 @@ from dva.nf.conntrack import (
     pack32,
     timeouts_array,
 )
+from dva.nf.firewall import (
+    ACTIONS,
+    ALLOW,
+    DENY,
+    R_ACTION,
+    R_RULE,
+    Rule,
+    check_rules,
+    compile_rules,
+    match_rule,
+    send_reject,
+)
 from dva.nf.table import I_EXPIRED, I_LIVE, I_MAX, HashTable, tbl_insert, tbl_lookup, tbl_sweep
 from dva.nf.xlat import (
     KIND_ORIG,
@@ -133,8 +164,9 @@ from dva.nf.xlat import (
 from dva.packet import layout as L
 from dva.packet.checksum import (
     rd16,
+    rd32,
 )
-from dva.packet.parse import addr_hash, bucket_port, echo_id
+from dva.packet.parse import addr_hash, bucket_port, echo_id, l4_ports
 
 DROPS = (
     "malformed",  # a parse error
@@ -144,21 +176,28 @@ DROPS = (
     "invalid",  # conntrack: invalid, or an ICMP error about nothing tracked
     "ports_exhausted",  # no free external port (identifier) of the flow's bucket class
     "table_full",  # connection or mapping table full of live entries
+    "denied",  # filter: a deny rule, or the default deny
+    "rejected",  # filter: a reject rule / default reject (a RST or ICMP error was sent)
 )
 (D_MALFORMED, D_BAD_CSUM, D_UNSUPPORTED, D_FRAGMENT, D_INVALID, D_EXHAUSTED,
- D_TABLE_FULL) = range(len(DROPS))
+ D_TABLE_FULL, D_DENIED, D_REJECTED) = range(len(DROPS))
 
 EVENTS = ("snat_flows", "dnat_flows", "hairpin_flows", "untranslated_flows",
           "mappings_created", "ports_preserved", "icmp_errors_translated")
 NCT = len(CT_EVENTS)
 (C_SNAT, C_DNAT, C_HAIRPIN, C_PLAIN, C_MAPPINGS, C_PRESERVED,
  C_ICMP_XLATE) = range(NCT, NCT + len(EVENTS))
+# with a filter only: then one hit counter per rule
+FILTER_EVENTS = ("rst_sent", "icmp_sent", "pool_exhausted", "default_hits")
+C_FRST = NCT + len(EVENTS)  # the three counters of firewall.send_reject, in its order
+C_FDEFAULT = C_FRST + 3
+C_FRULES = C_FRST + len(FILTER_EVENTS)
 
 NOTES = ("", "translated", "translated back", "untranslated", "new: source NAT",
          "new: destination NAT", "new: hairpin", "new: untranslated", "ARP passes",
-         "ICMP error translated")
+         "ICMP error translated", "denied", "rejected: reply sent", "reject reply")
 (N_FWD, N_BACK, N_PLAIN, N_SNAT, N_DNAT, N_HAIRPIN, N_NEW_PLAIN, N_ARP,
- N_ICMP) = range(1, len(NOTES))
+ N_ICMP, N_DENIED, N_REJECTED, N_REPLY) = range(1, len(NOTES))
 
 # conntrack user words: the translated-connection layout of dva.nf.xlat (E1, E2).
 MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
@@ -166,7 +205,7 @@ MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
 # port) of the other side. MAP_OUT: inside endpoint -> external; MAP_IN: the reverse.
 MAP_OUT, MAP_IN = 0, 1
 # cfg[]
-G_PLO, G_PHI, G_EIF, G_HAIRPIN, G_SNAT = 0, 1, 2, 3, 4
+G_PLO, G_PHI, G_EIF, G_HAIRPIN, G_SNAT, G_FILTER, G_FDEFAULT = range(7)
 # dnat rows: proto, addr (-1 any), port lo, port hi, to addr, to port (-1: kept)
 # static rows: inside, outside
 
@@ -274,6 +313,15 @@ class Static(BaseModel):
         return v
 
 
+class NatFilter(BaseModel):
+    """Rules for new connections (:class:`dva.nf.firewall.Rule`), first match wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Literal["allow", "deny", "reject"] = "deny"
+    rules: list[Rule] = []
+
+
 class NatConfig(DeviceConfig):
     type: Literal["nat"]
     ports: list[Name]
@@ -284,6 +332,7 @@ class NatConfig(DeviceConfig):
     max_flows: int = Field(default=65536, ge=1, le=MAX_FLOWS_LIMIT // 2)
     timeouts: dict[str, float] = {}
     flush: bool = False  # on a config reload: drop connections instead of keeping them
+    filter: NatFilter | None = None
 
     @field_validator("ports")
     @classmethod
@@ -311,6 +360,11 @@ class NatConfig(DeviceConfig):
                                                               or addr == d.addr):
                     raise ValueError(f"dnat[{i}]: overlaps an earlier port forward")
             seen.append((d.proto, lo, hi, d.addr))
+        if self.filter is not None:
+            try:
+                check_rules(self.filter.rules, self.ports, "nat")
+            except ValueError as e:
+                raise ValueError(f"filter.{e}") from None
         return self
 
     def port_names(self) -> list[str]:
@@ -319,7 +373,8 @@ class NatConfig(DeviceConfig):
 
 class NatState(DeviceState):
     def __init__(self, config: NatConfig) -> None:
-        super().__init__(NCT + len(EVENTS))
+        f = config.filter
+        super().__init__(C_FRULES + len(f.rules) if f is not None else NCT + len(EVENTS))
         # Two entries per translated connection.
         self.ct = Conntrack(2 * config.max_flows, user_words=NUSER)
         self.flow_tables["conntrack"] = self.ct.table
@@ -393,6 +448,19 @@ def _alloc(mkeys, mvals, mstate, mbucket, mexp, minfo, mkey, zone, proto, h, hp,
                 events[C_PRESERVED] += 1
             return pool[k], port
     return 0, -1
+
+
+@kernel
+def _filter(rules, cfg, events, inp, proto, src, dst, sport, dport, itype):
+    """The filter's action (firewall ALLOW, DENY, REJECT) for a new connection seen
+    from the inside (``dst``, ``dport``: after destination translation); counts the
+    hit."""
+    j = match_rule(rules, inp, proto, src, dst, sport, dport, itype)
+    if j >= 0:
+        events[C_FRULES + rules[j, R_RULE]] += 1
+        return rules[j, R_ACTION]
+    events[C_FDEFAULT] += 1
+    return cfg[G_FDEFAULT]
 
 
 @kernel
@@ -473,11 +541,20 @@ def _extend(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, 
 
 
 @kernel
+def _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, da, dp):
+    """:func:`_filter` for a new tracked connection (ICMP: its type, no ports)."""
+    if proto == L.PROTO_ICMP:
+        return _filter(rules, cfg, events, inp, proto, sa, da, 0, 0, i64(pkt[l4]))
+    return _filter(rules, cfg, events, inp, proto, sa, da, sp, dp, -1)
+
+
+@kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals, mstate,
               mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static, dnat, cfg,
-              mask, a_is_src, timeouts, events, now, c):
+              mask, a_is_src, timeouts, events, now, c, rules):
     """Create the connection of a NEW packet and decide its translation (and rewrite
     the packet); ``c``: E1's candidate slot (:func:`dva.nf.conntrack.ct_create`).
+    ``rules``: the filter's (``cfg[G_FILTER]``), applied before any allocation.
     Returns (E1 slot, note), or (-1 - drop reason, 0)."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
@@ -500,6 +577,10 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
             if nda != da or ndp != dp:
                 outp = 0
                 note = N_HAIRPIN
+        if cfg[G_FILTER]:
+            action = _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, nda, ndp)
+            if action != ALLOW:
+                return -1 - (D_DENIED if action == DENY else D_REJECTED), 0
         st = _static_of(static, 0, sa)
         if st >= 0:
             nsa = static[st, 1]
@@ -515,6 +596,10 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     else:
         nda, ndp = _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static,
                                    dnat, cfg[G_EIF] != 0, zone, proto, da, dp, now)
+        if cfg[G_FILTER]:
+            action = _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, nda, ndp)
+            if action != ALLOW:
+                return -1 - (D_DENIED if action == DENY else D_REJECTED), 0
         if nda != da or ndp != dp:
             note = N_DNAT
     if proto == L.PROTO_ICMP:
@@ -568,10 +653,41 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
 
 
 @kernel
-def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, mvals,
-               mstate, mbucket, mexp, minfo, key, key2, mkey, tup, hints, pool, pool_h,
-               static, dnat, cfg, mask, timeouts, events, flags, now, sweep):
-    """Decide and translate rows [0, n). Returns the row count (nothing appended)."""
+def _filter_untracked(rules, cfg, events, data, row):
+    """:func:`_filter` for a packet conntrack does not track (judged as it is)."""
+    s = row[L.START]
+    pkt = data[row[L.SLOT], s:s + row[L.LEN]]
+    l3 = row[L.L3_OFF]
+    l4 = row[L.L4_OFF]
+    proto = row[L.PROTO]
+    sport, dport = l4_ports(pkt, l4, proto)
+    itype = i64(pkt[l4]) if proto == L.PROTO_ICMP else -1
+    return _filter(rules, cfg, events, row[L.IN_PORT], proto, rd32(pkt, l3 + 12),
+                   rd32(pkt, l3 + 16), sport, dport, itype)
+
+
+@kernel
+def _refuse(data, free, top, meta, i, total, headroom, events, reason):
+    """Drop row ``i`` for the filter (``D_DENIED`` or ``D_REJECTED``, which appends
+    the answer); returns the row count."""
+    if reason == D_REJECTED:
+        total = send_reject(data, free, top, meta, i, total, headroom, events, C_FRST,
+                            N_REPLY)
+        meta[i, L.NOTE] = N_REJECTED
+    else:
+        meta[i, L.NOTE] = N_DENIED
+    meta[i, L.VERDICT] = drop_code(reason)
+    return total
+
+
+@kernel
+def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, expires,
+               info, mkeys, mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, tup, hints,
+               pool, pool_h, static, dnat, cfg, rules, mask, timeouts, events, flags, now,
+               sweep):
+    """Decide and translate rows [0, n); append the filter's reject answers. Returns
+    the row count."""
+    total = n
     expired_before = info[I_EXPIRED]
     ct_prefetch(state, expires, info, key, data, meta, n, hints)  # hints: candidates
     prefetch_e1(meta, n, state, vals, expires, key2, -1, hints)
@@ -607,6 +723,12 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
             row[L.VERDICT] = drop_code(D_INVALID)
             continue
         if r == UNTRACKED:
+            if cfg[G_FILTER]:
+                action = _filter_untracked(rules, cfg, events, data, row)
+                if action != ALLOW:
+                    total = _refuse(data, free, top, meta, i, total, headroom, events,
+                                    D_DENIED if action == DENY else D_REJECTED)
+                    continue
             row[L.VERDICT] = 1 - inp
             row[L.NOTE] = N_PLAIN
             continue
@@ -670,15 +792,18 @@ def nat_kernel(data, meta, n, keys, vals, state, bucket, expires, info, mkeys, m
         e, note = _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys,
                             mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool,
                             pool_h, static, dnat, cfg, mask, d, timeouts, events, now,
-                            hints[i])
+                            hints[i], rules)
         if e < 0:
-            row[L.VERDICT] = drop_code(-1 - e)
+            if -1 - e == D_DENIED or -1 - e == D_REJECTED:
+                total = _refuse(data, free, top, meta, i, total, headroom, events, -1 - e)
+            else:
+                row[L.VERDICT] = drop_code(-1 - e)
             continue
         row[L.VERDICT] = (vals[e, U_PORTS] >> 8) & 0xFF
         row[L.NOTE] = note
     flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
     tbl_sweep(mstate, mexp, minfo, now, sweep)
-    return n
+    return total
 
 
 # -- device ----------------------------------------------------------------------------
@@ -701,8 +826,15 @@ class Nat(Device):
                                np.int64).reshape(-1, 2)
         self.dnat = np.array([d.row() for d in config.dnat], np.int64).reshape(-1, 6)
         lo, hi = port_range(sn.ports) if sn else (1024, 65535)
+        f = config.filter
         self.cfg = np.array([lo, hi, bool(sn and sn.filtering == "endpoint-independent"),
-                             config.hairpin, sn is not None], np.int64)
+                             config.hairpin, sn is not None, f is not None,
+                             ACTIONS[f.default] if f else 0], np.int64)
+        self.rules = compile_rules(f.rules if f else [], config.ports)
+        if f is not None:
+            self.max_emit = 1  # a reject answer per input row
+            self.counters = CT_EVENTS + EVENTS + FILTER_EVENTS + tuple(
+                f"rule{i + 1}_hits" for i in range(len(f.rules)))
         self.timeouts = timeouts_array(config.timeouts)
         self.flush_on_reload = config.flush
 
@@ -727,12 +859,13 @@ class Nat(Device):
 
     def process(self, batch, state: NatState, now: float) -> None:
         t, m = state.ct.table, state.maps
+        pool = batch.pool
         batch.n = state.kernel_call(self, nat_kernel)(
-            batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
+            pool.data, pool.free, pool.top, pool.headroom, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
             t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
             state.ct.key, state.key2, state.mkey, state.tup,
             state.scratch(batch.n, "hints"), self.pool, self.pool_h, self.static,
-            self.dnat, self.cfg, state.bucket_mask, self.timeouts,
+            self.dnat, self.cfg, self.rules, state.bucket_mask, self.timeouts,
             state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
         state.ct.after_batch(state.flags[0], state.events, now)
         if m.needs_rebuild():
