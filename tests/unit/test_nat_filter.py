@@ -14,6 +14,7 @@ from scapy.layers.inet import TCP as STCP
 from scapy.layers.inet import IPerror, UDPerror
 from scapy.layers.l2 import Ether
 from test_nat import NAT_IP, appliance, checksums_ok, frame
+from test_reload import reload
 
 from dva.graph.appliance import ApplianceError, parse_appliance
 from dva.packet.build import ICMP, TCP, UDP, Raw
@@ -168,6 +169,31 @@ def test_without_a_filter_nothing_is_filtered_and_no_filter_counters_exist():
     assert Ether(i)[STCP].dport == 22
     names = rig.engine.counter_table()
     assert "nat default_hits" not in names and "nat drop/denied" in names
+
+
+def test_adding_a_filter_keeps_open_connections_and_judges_new_ones():
+    rig = Rig(appliance(FORWARDS))
+    syn = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1000, flags="S"))
+    (out,) = rig.send("inside", [syn], 1.0)["outside"]
+    np_ = Ether(out)[STCP].sport
+    rep = reload(rig, appliance(FORWARDS + """filter:
+  default: deny
+  rules: [{action: allow, from: outside, proto: tcp, dst: 10.0.0.51, dport: 22}]"""), 2.0)
+    assert rep.state_kept == ["nat"] and rep.problems == []
+    synack = frame("192.0.2.9", NAT_IP, TCP(sport=80, dport=np_, seq=5000, ack=1001,
+                                             flags="SA"), inside=False)
+    (back,) = rig.send("outside", [synack], 2.1)["inside"]
+    assert (Ether(back)[SIP].dst, Ether(back)[STCP].dport) == ("10.0.0.5", 40000)
+    ack = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1001, ack=5001,
+                                             flags="A"))
+    assert len(rig.send("inside", [ack], 2.2)["outside"]) == 1
+    new = frame("10.0.0.5", "192.0.2.9", TCP(sport=40001, dport=80, flags="S"))
+    assert rig.send("inside", [new], 2.3)["outside"] == []
+    (i,) = rig.send("outside", [outside_syn(2222)], 2.4)["inside"]
+    assert (Ether(i)[SIP].dst, Ether(i)[STCP].dport) == ("10.0.0.51", 22)
+    c = rig.counters()
+    assert c["nat drop/denied"] == 1 and c["nat rule1_hits"] == 1
+    assert c["nat snat_flows"] == 1 and c["nat dnat_flows"] == 1
 
 
 @pytest.mark.parametrize("filter_, message", [
