@@ -85,7 +85,6 @@ from dva.nf.table import (
     tbl_lookup_at,
     tbl_lookup_inline,
     tbl_prefetch_ctrl,
-    tbl_prefetch_found_rows,
     tbl_sweep,
 )
 from dva.packet import layout as L
@@ -640,16 +639,15 @@ def ct_row_key(key, data, row):
 
 
 @kernel
-def ct_prefetch(state, expires, info, key, data, meta, n, hs):
-    """Prefetch the record each TCP/UDP row of the batch will use -- its entry's, or
-    the free slot where its new entry would go -- in loops of their own: with a
-    table much larger than the caches every lookup misses, and this keeps the misses
-    of the whole batch in flight at once (the decision loop then finds the lines
-    cached). Two passes (:mod:`dva.nf.table`): each row's key hashed (into
+def ct_prefetch_ctrl(state, info, key, data, meta, n, hs):
+    """The first pass of a batch's run-ahead: each TCP/UDP row's key hashed (into
     ``hs[i]``, -1 for a row that is not looked up) and its home slot's control bytes
-    fetched, then from those bytes the slot it is in, whose record alone is
-    fetched. ``hs[i]`` is then that slot, the row's candidate
-    (:func:`dva.nf.table.tbl_prefetch_found_rows`): a hint for
+    prefetched (a few MiB for a large table: they mostly stay cached). The decision
+    loop then calls :func:`dva.nf.table.tbl_prefetch_found_ahead` first thing in
+    each row's iteration: a few rows ahead, it finds from those bytes the slot each
+    key is in (or the free slot where its new entry would go) and prefetches that
+    record alone, so that the record's miss overlaps the rows decided meanwhile.
+    ``hs[i]`` is then that slot, the row's candidate: a hint for
     :func:`ct_classify_at` and :func:`ct_create`, which then check one slot instead
     of probing. It is the batch's first pass (:func:`dva.nf.table.tbl_begin_pass`)."""
     tbl_begin_pass(info)
@@ -662,7 +660,6 @@ def ct_prefetch(state, expires, info, key, data, meta, n, hs):
         h = tbl_hash(key)
         hs[i] = h
         tbl_prefetch_ctrl(state, h)
-    tbl_prefetch_found_rows(state, expires, hs, n)
 
 
 @kernel

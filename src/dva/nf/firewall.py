@@ -91,11 +91,11 @@ from dva.nf.conntrack import (
     ct_create,
     ct_delete,
     ct_packet,
-    ct_prefetch,
+    ct_prefetch_ctrl,
     ct_sweep,
     timeouts_array,
 )
-from dva.nf.table import I_EXPIRED
+from dva.nf.table import I_EXPIRED, tbl_prefetch_found_ahead
 from dva.packet import layout as L
 from dva.packet.batch import NO_SLOT, row_copy, take_slot
 from dva.packet.checksum import (
@@ -408,8 +408,9 @@ def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, 
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, info, key, data, meta, n, cands)
+    ct_prefetch_ctrl(state, info, key, data, meta, n, cands)
     for i in range(n):
+        tbl_prefetch_found_ahead(state, expires, cands, i, n)  # cands[i]: a candidate
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

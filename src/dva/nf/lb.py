@@ -126,7 +126,7 @@ from dva.nf.conntrack import (
     ct_delete,
     ct_make_key,
     ct_ported,
-    ct_prefetch,
+    ct_prefetch_ctrl,
     ct_quoted,
     ct_row_key,
     ct_sweep,
@@ -144,7 +144,7 @@ from dva.nf.table import (
     tbl_lookup,
     tbl_lookup_at,
     tbl_prefetch_ctrl,
-    tbl_prefetch_found_rows,
+    tbl_prefetch_found_ahead,
 )
 from dva.nf.xlat import (
     KIND_ORIG,
@@ -157,7 +157,7 @@ from dva.nf.xlat import (
     U_T,
     icmp_error_xlat,
     icmp_error_xlat_from,
-    prefetch_e1,
+    prefetch_e1_ahead,
     read_tuple,
     refresh_due,
     touch_e2,
@@ -531,10 +531,11 @@ def _count(vals, e, backends, events):
 
 
 @kernel
-def _dnat_prefetch(state, expires, info, key, data, meta, n, hs, rev, vips, backends,
-                   ep_keys, ep_first, ep_rows):
-    """DNAT's run-ahead, in place of :func:`ct_prefetch` (the same two passes; ``hs``
-    ends with the candidates): a TCP/UDP row from the back port whose source is a
+def _dnat_prefetch_ctrl(state, info, key, data, meta, n, hs, rev, vips, backends,
+                        ep_keys, ep_first, ep_rows):
+    """DNAT's first run-ahead pass, in place of :func:`ct_prefetch_ctrl` (the second
+    is the decision loop's, as there; ``hs`` ends with the candidates): a TCP/UDP
+    row from the back port whose source is a
     backend endpoint is looked up by the key of its connection -- the client's tuple
     to the first VIP that lists the endpoint, as :func:`_e1_of` looks it up -- not
     by its own tuple, which names no entry. ``rev[i]``: that endpoint's number, or
@@ -564,7 +565,6 @@ def _dnat_prefetch(state, expires, info, key, data, meta, n, hs, rev, vips, back
         h = tbl_hash(key)
         hs[i] = h
         tbl_prefetch_ctrl(state, h)
-    tbl_prefetch_found_rows(state, expires, hs, n)
 
 
 @kernel
@@ -573,16 +573,18 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
               maglev, cfg, mask, timeouts, events, flags, now, sweep):
     """Decide and translate rows [0, n). Returns the row count (nothing appended).
     ``hints[i]``: row i's candidate slot from the run-ahead; ``slots[i]`` (dnat):
-    its backend endpoint's number from :func:`_dnat_prefetch`."""
+    its backend endpoint's number from :func:`_dnat_prefetch_ctrl`."""
     expired_before = info[I_EXPIRED]
     fullnat = cfg[G_FULLNAT] != 0
     if fullnat:
-        ct_prefetch(state, expires, info, key, data, meta, n, hints)
-        prefetch_e1(meta, n, state, vals, expires, key2, 1, hints)
+        ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
     else:
-        _dnat_prefetch(state, expires, info, key, data, meta, n, hints, slots, vips,
-                       backends, ep_keys, ep_first, ep_rows)
+        _dnat_prefetch_ctrl(state, info, key, data, meta, n, hints, slots, vips, backends,
+                            ep_keys, ep_first, ep_rows)
     for i in range(n):
+        tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
+        if fullnat:
+            prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, 1, hints)
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

@@ -126,7 +126,7 @@ from dva.nf.conntrack import (
     ct_create,
     ct_delete,
     ct_make_key,
-    ct_prefetch,
+    ct_prefetch_ctrl,
     ct_sweep,
     pack32,
     timeouts_array,
@@ -143,7 +143,16 @@ from dva.nf.firewall import (
     match_rule,
     send_reject,
 )
-from dva.nf.table import I_EXPIRED, I_LIVE, I_MAX, HashTable, tbl_insert, tbl_lookup, tbl_sweep
+from dva.nf.table import (
+    I_EXPIRED,
+    I_LIVE,
+    I_MAX,
+    HashTable,
+    tbl_insert,
+    tbl_lookup,
+    tbl_prefetch_found_ahead,
+    tbl_sweep,
+)
 from dva.nf.xlat import (
     KIND_ORIG,
     KIND_XLAT,
@@ -155,7 +164,7 @@ from dva.nf.xlat import (
     U_REFRESH,
     U_T,
     icmp_error_xlat,
-    prefetch_e1,
+    prefetch_e1_ahead,
     read_tuple,
     refresh_due,
     touch_e2,
@@ -689,9 +698,10 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
     the row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch(state, expires, info, key, data, meta, n, hints)  # hints: candidates
-    prefetch_e1(meta, n, state, vals, expires, key2, -1, hints)
+    ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
     for i in range(n):
+        tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
+        prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, -1, hints)
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
 from dva.nf.conntrack import V_USER, ct_make_key
-from dva.nf.table import is_used, tbl_hash, tbl_lookup, tbl_prefetch
+from dva.nf.table import AHEAD, is_used, tbl_hash, tbl_lookup, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
@@ -42,6 +42,7 @@ U_REFRESH = V_USER + 10  # E1: until when E2 lives (microseconds)
 NUSER = 11  # user words of a translated connection (a device may add its own after)
 KIND_ORIG, KIND_XLAT = 0, 1
 SLACK = 2.0  # seconds E2 outlives its connection, beyond the refresh margin
+AHEAD_E1 = AHEAD // 2  # rows a decision loop's E1 prefetches run ahead of it
 
 
 @inline_kernel
@@ -176,33 +177,41 @@ def icmp_error_xlat_from(data, row, vals, e, f, tup):
     return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
 
 
-@kernel
-def prefetch_e1(meta, n, state, vals, expires, key2, in_port, cands):
-    """Run after :func:`dva.nf.conntrack.ct_prefetch`: for each row (from port
-    ``in_port``, or any when -1) whose candidate slot ``cands[i]`` holds a translated
-    tuple's entry (E2: a reply, or a packet sent to a mapping), prefetch the
-    connection's own entry (E1), which the decision loop looks up after translating
-    the packet back. Otherwise that second lookup waits for its miss alone, packet
-    after packet (the cost of a dependent miss in a table larger than the caches:
-    about 250 ns here).
+@inline_kernel
+def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands):
+    c = cands[j]
+    if c < 0 or not is_used(state[c]) or vals[c, U_KIND] != KIND_XLAT:
+        return
+    row = meta[j]
+    if in_port >= 0 and row[L.IN_PORT] != in_port:
+        return
+    o = U_O
+    ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[c, o], vals[c, o + 1],
+                vals[c, o + 2], vals[c, o + 3])
+    tbl_prefetch(state, expires, tbl_hash(key2) & (state.shape[0] - 1))
 
-    A hint, not a lookup: the run-ahead's second pass fetched each candidate's
-    record, and a candidate that holds another key with the same control byte (one
-    in 64) costs a useless prefetch. The rows' keys are not built and compared here:
-    the decision loop's lookups start from the same candidates
+
+@inline_kernel
+def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands):
+    """Called in row ``i``'s iteration of a decision loop, after
+    :func:`dva.nf.table.tbl_prefetch_found_ahead`: for row ``i + AHEAD_E1`` (at row 0
+    also for rows ``0 .. AHEAD_E1 - 1``) from port ``in_port`` (or any when -1), if
+    its candidate slot ``cands[j]`` holds a translated tuple's entry (E2: a reply, or
+    a packet sent to a mapping), prefetch the connection's own entry (E1), which the
+    decision loop looks up after translating the packet back. Otherwise that second
+    lookup waits for its miss alone. The candidate's record was fetched ``AHEAD -
+    AHEAD_E1`` rows ago; E1 then has ``AHEAD_E1`` rows to arrive.
+
+    A hint, not a lookup: a candidate that holds another key with the same control
+    byte (one in 64) costs a useless prefetch. The rows' keys are not built and
+    compared here: the decision loop's lookups start from the same candidates
     (:func:`dva.nf.conntrack.ct_classify_at`)."""
-    mask = state.shape[0] - 1
-    for i in range(n):
-        c = cands[i]
-        if c < 0 or not is_used(state[c]) or vals[c, U_KIND] != KIND_XLAT:
-            continue
-        row = meta[i]
-        if in_port >= 0 and row[L.IN_PORT] != in_port:
-            continue
-        o = U_O
-        ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[c, o], vals[c, o + 1],
-                    vals[c, o + 2], vals[c, o + 3])
-        tbl_prefetch(state, expires, tbl_hash(key2) & mask)
+    if i == 0:
+        for j in range(min(AHEAD_E1, n)):
+            _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands)
+    j = i + AHEAD_E1
+    if j < n:
+        _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands)
 
 
 @inline_kernel
