@@ -112,24 +112,24 @@ def udp_reply_fill():
 
 
 def e1_tuples(table, n: int, dst: int):
-    """The original and translated tuples (``U_O`` and ``U_T`` words: src, sport,
-    dst, dport each) of flows ``0..n-1`` of :func:`udp_flow_fill` to ``dst``, read
-    from their E1 entries in a nat or lb connection table: where replies go."""
+    """The original and translated tuples (O and T: src, sport, dst, dport each) of
+    flows ``0..n-1`` of :func:`udp_flow_fill` to ``dst``, read from their E1
+    entries in a nat or lb connection table: where replies go."""
     import numpy as np
 
     from dva._jit import kernel
     from dva.nf.conntrack import ct_make_key
     from dva.nf.table import tbl_lookup
-    from dva.nf.xlat import U_O, U_T
+    from dva.nf.xlat import conn_tuples
 
     @kernel
     def read(keys, state, vals, expires, info, key, dst, out):
         for f in range(out.shape[0]):
             ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), dst, 53)
             e = tbl_lookup(keys, state, expires, info, key, 1.0)
-            for w in range(4):
-                out[f, w] = vals[e, U_O + w]
-                out[f, 4 + w] = vals[e, U_T + w]
+            t = conn_tuples(keys, vals, e)
+            for w in range(8):
+                out[f, w] = t[w]
 
     out = np.zeros((n, 8), np.int64)
     read(table.keys, table.state, table.vals, table.expires, table.info,

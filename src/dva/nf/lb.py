@@ -150,18 +150,18 @@ from dva.nf.xlat import (
     KIND_ORIG,
     KIND_XLAT,
     NUSER,
-    U_KIND,
-    U_O,
-    U_PORTS,
-    U_REFRESH,
-    U_T,
+    entry_kind,
+    entry_ports,
     icmp_error_xlat,
     icmp_error_xlat_from,
     prefetch_e1_ahead,
     read_tuple,
     refresh_due,
+    set_meta,
+    set_x,
     touch_e2,
     translate,
+    x_tuple,
 )
 from dva.packet import layout as L
 from dva.packet.checksum import rd16, rd32
@@ -191,7 +191,7 @@ NOTES = ("", "to the backend", "back from the backend", "passes untracked",
 N_FWD, N_BACK, N_PASS, N_NEW, N_ARP, N_ICMP = range(1, len(NOTES))
 
 U_BACKEND = V_AUX  # the backend's number (into Lb.backends): conntrack's device word
-P_ALONE = 1 << 16  # in U_PORTS: a DNAT connection without E2 (its E1 names it)
+P_ALONE = 1 << 16  # in the ports word: a DNAT connection without E2 (its E1 names it)
 MAX_VIPS = 1024
 MAX_BACKENDS = 4096
 # vips[] columns, backends[] columns, cfg[]
@@ -425,10 +425,11 @@ def _e1_of(keys, state, expires, info, vals, key, zone, proto, ca, cp, k, ep_fir
         ct_make_key(key, zone, proto, ca, cp, vips[u, V_ADDR], vips[u, V_PORT])
         e = tbl_lookup_at(keys, state, expires, info, key, now,
                           c if j == ep_first[k] else -1)
-        if e >= 0 and vals[e, U_KIND] == KIND_ORIG and vals[e, U_T] == ca \
-                and vals[e, U_T + 1] == cp and vals[e, U_T + 2] == backends[b, B_ADDR] \
-                and vals[e, U_T + 3] == backends[b, B_PORT]:
-            return e
+        if e >= 0 and entry_kind(vals, e) == KIND_ORIG:
+            ts, tsp, td, tdp = x_tuple(vals, e)  # E1 keeps T
+            if ts == ca and tsp == cp and td == backends[b, B_ADDR] \
+                    and tdp == backends[b, B_PORT]:
+                return e
     return -1
 
 
@@ -476,18 +477,11 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
                    timeouts, events, 0, now, c1)
     if e1 < 0:
         return -1 - D_TABLE_FULL
-    vals[e1, U_KIND] = KIND_ORIG
-    vals[e1, U_O] = sa
-    vals[e1, U_O + 1] = sp
-    vals[e1, U_O + 2] = da
-    vals[e1, U_O + 3] = dp
-    vals[e1, U_T] = nsa
-    vals[e1, U_T + 1] = nsp
-    vals[e1, U_T + 2] = nda
-    vals[e1, U_T + 3] = ndp
-    # in by port 0 (front), out by port 1 (back)
-    vals[e1, U_PORTS] = (1 << 8) if fullnat else ((1 << 8) | P_ALONE)
-    vals[e1, U_REFRESH] = 0  # fullnat: so E2's lifetime is due now
+    # E1's key is O (sa, sp, da, dp), as the packet came
+    set_x(vals, e1, nsa, nsp, nda, ndp)
+    # in by port 0 (front), out by port 1 (back); refresh time 0: in fullnat, E2's
+    # lifetime is due now
+    set_meta(vals, e1, KIND_ORIG, (1 << 8) if fullnat else ((1 << 8) | P_ALONE))
     vals[e1, U_BACKEND] = b
     if fullnat:
         a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
@@ -499,8 +493,9 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
         for w in range(vals.shape[1]):
             vals[e2, w] = vals[e1, w]
         vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
-        vals[e2, U_KIND] = KIND_XLAT
-    translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
+        set_meta(vals, e2, KIND_XLAT, entry_ports(vals, e1))
+        set_x(vals, e2, sa, sp, da, dp)  # E2's key is T
+    translate(pkt, l3, l4, end, proto, keys, vals, e1, True, tup)
     events[C_BALANCED] += 1
     events[C_BACKENDS + 2 * b] += 1
     events[C_BACKENDS + 2 * b + 1] += 1
@@ -513,8 +508,7 @@ def _count(vals, e, backends, events):
     renumbered the backends the number is looked up again by address and port (once
     per connection; -1 when the backend is no longer listed: not counted)."""
     b = vals[e, U_BACKEND]
-    a = vals[e, U_T + 2]
-    p = vals[e, U_T + 3]
+    _, _, a, p = x_tuple(vals, e)
     if b < 0 or b >= backends.shape[0] or backends[b, B_ADDR] != a \
             or backends[b, B_PORT] != p:
         if b == -1:
@@ -647,7 +641,8 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
                     e = _e1_of(keys, state, expires, info, vals, key, zone, qp, qa, qap,
                                k, ep_first, ep_rows, backends, vips, -1, now, -1)
                 if e >= 0:
-                    row[L.VERDICT] = icmp_error_xlat_from(data, row, vals, e, U_T, tup)
+                    row[L.VERDICT] = icmp_error_xlat_from(data, row, keys, vals, e,
+                                                          True, tup)
                     row[L.NOTE] = N_ICMP
                     events[E_RELATED] += 1
                     events[C_ICMP_XLATE] += 1
@@ -658,7 +653,7 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
             r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row,
                                      events, 0, now, hint)
         if r == RELATED:
-            row[L.VERDICT] = icmp_error_xlat(data, row, vals, e, tup)
+            row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e, tup)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
             continue
@@ -678,15 +673,15 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
             row[L.NOTE] = N_PASS
             events[C_PASSED] += 1
             continue
-        if r == FOUND and (xe >= 0 or vals[e, U_KIND] == KIND_XLAT):
+        if r == FOUND and (xe >= 0 or entry_kind(vals, e) == KIND_XLAT):
             # a reply from the backend (found by E2, or in dnat through E1): back to
             # the original tuple, then the connection's own entry (E1) judges it
             e2 = e
-            translate(pkt, l3, l4, end, proto, vals, e2, U_T, U_O, tup)
-            ports = vals[e2, U_PORTS]
+            translate(pkt, l3, l4, end, proto, keys, vals, e2, False, tup)
+            ports = entry_ports(vals, e2)
             r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row,
                                      events, 0, now, e2)
-            if r != FOUND or vals[e, U_KIND] != KIND_ORIG:
+            if r != FOUND or entry_kind(vals, e) != KIND_ORIG:
                 row[L.VERDICT] = drop_code(D_INVALID)  # the connection is gone
                 continue
             if ct_advance(vals, expires, e, d, data, row, timeouts, events, 0, now) \
@@ -717,14 +712,14 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
                 if d == 1:  # a reply that was not translated back
                     row[L.VERDICT] = drop_code(D_INVALID)
                     continue
-                translate(pkt, l3, l4, end, proto, vals, e, U_O, U_T, tup)
-                if (vals[e, U_PORTS] & P_ALONE) == 0:
+                translate(pkt, l3, l4, end, proto, keys, vals, e, True, tup)
+                if (entry_ports(vals, e) & P_ALONE) == 0:
                     exp = refresh_due(vals, expires, e, now)
                     if exp > 0.0:
                         touch_e2(keys, state, expires, info, vals, key2, e, zone, proto,
                                  exp, now)
                 _count(vals, e, backends, events)
-                row[L.VERDICT] = (vals[e, U_PORTS] >> 8) & 0xFF
+                row[L.VERDICT] = (entry_ports(vals, e) >> 8) & 0xFF
                 row[L.NOTE] = N_FWD
                 continue
         if r != NEW:

@@ -158,15 +158,15 @@ from dva.nf.xlat import (
     KIND_XLAT,
     NUSER,
     SLACK,
-    U_KIND,
-    U_O,
-    U_PORTS,
-    U_REFRESH,
-    U_T,
+    conn_tuples,
+    entry_kind,
+    entry_ports,
     icmp_error_xlat,
     prefetch_e1_ahead,
     read_tuple,
     refresh_due,
+    set_meta,
+    set_x,
     touch_e2,
     translate,
 )
@@ -537,13 +537,13 @@ def _extend(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, 
             e1, zone, proto, exp, now):
     """Make E2 and the mapping of connection ``e1`` live until ``exp``."""
     touch_e2(keys, state, expires, info, vals, key2, e1, zone, proto, exp, now)
-    t = U_T
-    if vals[e1, U_O] != vals[e1, t] or vals[e1, U_O + 1] != vals[e1, t + 1]:
+    os_, osp, _, _, ts, tsp, _, _ = conn_tuples(keys, vals, e1)
+    if os_ != ts or osp != tsp:
         for kind in range(2):
             if kind == MAP_OUT:
-                _map_key(mkey, kind, zone, proto, vals[e1, U_O], vals[e1, U_O + 1])
+                _map_key(mkey, kind, zone, proto, os_, osp)
             else:
-                _map_key(mkey, kind, zone, proto, vals[e1, t], vals[e1, t + 1])
+                _map_key(mkey, kind, zone, proto, ts, tsp)
             m = tbl_lookup(mkeys, mstate, mexp, minfo, mkey, now)
             if m >= 0 and mexp[m] < exp:
                 mexp[m] = exp
@@ -620,17 +620,9 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
                    timeouts, events, 0, now, c)
     if e1 < 0:
         return -1 - D_TABLE_FULL, 0
-    vals[e1, U_KIND] = KIND_ORIG
-    vals[e1, U_O] = sa
-    vals[e1, U_O + 1] = sp
-    vals[e1, U_O + 2] = da
-    vals[e1, U_O + 3] = dp
-    vals[e1, U_T] = nsa
-    vals[e1, U_T + 1] = nsp
-    vals[e1, U_T + 2] = nda
-    vals[e1, U_T + 3] = ndp
-    vals[e1, U_PORTS] = inp | (outp << 8)
-    vals[e1, U_REFRESH] = 0
+    # E1's key is O (sa, sp, da, dp), as the packet came
+    set_meta(vals, e1, KIND_ORIG, inp | (outp << 8))
+    set_x(vals, e1, nsa, nsp, nda, ndp)
     if note == N_NEW_PLAIN:
         events[C_PLAIN] += 1
         return e1, note
@@ -645,13 +637,13 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     for w in range(vals.shape[1]):
         vals[e2, w] = vals[e1, w]
     vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
-    vals[e2, U_KIND] = KIND_XLAT
+    set_meta(vals, e2, KIND_XLAT, inp | (outp << 8))
+    set_x(vals, e2, sa, sp, da, dp)  # E2's key is T
     expires[e2] = expires[e1] + SLACK
-    # refresh the mapping to the connection's lifetime
-    vals[e1, U_REFRESH] = 0
+    # E1's refresh time is 0 (due): the mapping gets the connection's lifetime now
     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey, e1,
              zone, proto, now)
-    translate(pkt, l3, l4, end, proto, vals, e1, U_O, U_T, tup)
+    translate(pkt, l3, l4, end, proto, keys, vals, e1, True, tup)
     if note == N_SNAT:
         events[C_SNAT] += 1
     elif note == N_DNAT:
@@ -725,7 +717,7 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
         r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row, events,
                                  0, now, hints[i])
         if r == RELATED:
-            row[L.VERDICT] = icmp_error_xlat(data, row, vals, e, tup)
+            row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e, tup)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
             continue
@@ -749,15 +741,15 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
         end = l3 + rd16(pkt, l3 + 2)
         proto = row[L.PROTO]
         zone = row[L.TENANT]
-        if r == FOUND and vals[e, U_KIND] == KIND_XLAT:
+        if r == FOUND and entry_kind(vals, e) == KIND_XLAT:
             # a packet of the translated tuple: back to the original one, then the
             # connection's own entry (E1) judges it
             e2 = e
-            translate(pkt, l3, l4, end, proto, vals, e2, U_T, U_O, tup)
-            ports = vals[e2, U_PORTS]
+            translate(pkt, l3, l4, end, proto, keys, vals, e2, False, tup)
+            ports = entry_ports(vals, e2)
             r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events,
                                   0, now)
-            if r != FOUND or vals[e, U_KIND] != KIND_ORIG:
+            if r != FOUND or entry_kind(vals, e) != KIND_ORIG:
                 row[L.VERDICT] = drop_code(D_INVALID)  # the connection is gone
                 continue
             if ct_advance(vals, expires, e, d, data, row, timeouts, events, 0, now) \
@@ -780,15 +772,13 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
                 r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row,
                                       events, 0, now)
             else:
-                ports = vals[e, U_PORTS]
-                xl = vals[e, U_O] != vals[e, U_T] or vals[e, U_O + 1] != vals[e, U_T + 1] \
-                    or vals[e, U_O + 2] != vals[e, U_T + 2] \
-                    or vals[e, U_O + 3] != vals[e, U_T + 3]
-                if xl:
+                ports = entry_ports(vals, e)
+                os_, osp, od, odp, ts, tsp, td, tdp = conn_tuples(keys, vals, e)
+                if os_ != ts or osp != tsp or od != td or odp != tdp:  # translated
                     if d == 1:
                         row[L.VERDICT] = drop_code(D_INVALID)  # a reply not to the mapping
                         continue
-                    translate(pkt, l3, l4, end, proto, vals, e, U_O, U_T, tup)
+                    translate(pkt, l3, l4, end, proto, keys, vals, e, True, tup)
                     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo,
                              key2, mkey, e, zone, proto, now)
                     row[L.NOTE] = N_FWD
@@ -809,7 +799,7 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
             else:
                 row[L.VERDICT] = drop_code(-1 - e)
             continue
-        row[L.VERDICT] = (vals[e, U_PORTS] >> 8) & 0xFF
+        row[L.VERDICT] = (entry_ports(vals, e) >> 8) & 0xFF
         row[L.NOTE] = note
     flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
     tbl_sweep(mstate, mexp, minfo, now, sweep)

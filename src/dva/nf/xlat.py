@@ -2,12 +2,18 @@
 
 A translated connection has two conntrack entries (:mod:`dva.nf.conntrack`): **E1**
 keyed by the original tuple O (as its first packet arrived) and **E2** keyed by the
-translated tuple T. Both hold O and T in the original direction (user words
-``U_O``/``U_T``: src addr, src port, dst addr, dst port; an ICMP echo's identifier
-in both port words), the device ports (ingress of the first packet | egress << 8)
-and, in E1, until when E2 (and a device's own side tables) were last made to live.
-(The lb in DNAT mode keeps E1 alone: a reply's tuple names its connection through
-the VIP that lists the backend, see :mod:`dva.nf.lb`.)
+translated tuple T (src addr, src port, dst addr, dst port in the original
+direction; an ICMP echo's identifier in both ports). An entry's key gives its own
+tuple (its endpoints, ordered by the entry's ``F_ORIG_A``: :func:`key_tuple`), so
+an entry keeps only the other one (user words ``U_X``: E1 holds T, E2 holds O,
+each endpoint packed as ``addr << 16 | port``: :func:`x_tuple`), and one word
+``U_META``: the entry's kind, the device ports (ingress of the first packet |
+egress << 8, and a device's flags above) and, in E1, until when E2 (and a device's
+own side tables) were last made to live. With conntrack's words that is 16 words,
+two cache lines a record: with tables far larger than the caches a packet costs a
+miss per line it touches, so the third line the two tuples took cost more than
+unpacking them does. (The lb in DNAT mode keeps E1 alone: a reply's tuple names
+its connection through the VIP that lists the backend, see :mod:`dva.nf.lb`.)
 
 The kernels here rewrite a packet from one space to the other with incremental
 checksum updates (RFC 1624), translate ICMP errors about a connection (RFC 5508:
@@ -20,7 +26,7 @@ field, they cost about 40 ns per packet each.
 from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
-from dva.nf.conntrack import V_USER, ct_make_key
+from dva.nf.conntrack import F_ORIG_A, V_FLAGS, V_USER, ct_make_key
 from dva.nf.table import AHEAD, is_used, tbl_hash, tbl_lookup, tbl_prefetch
 from dva.packet import layout as L
 from dva.packet.checksum import (
@@ -34,15 +40,73 @@ from dva.packet.checksum import (
     wr32,
 )
 
-U_KIND = V_USER
-U_O = V_USER + 1  # 4 words: src addr, src port, dst addr, dst port
-U_T = V_USER + 5  # 4 words
-U_PORTS = V_USER + 9
-U_REFRESH = V_USER + 10  # E1: until when E2 lives (microseconds)
-NUSER = 11  # user words of a translated connection (a device may add its own after)
+U_X = V_USER  # 2 words: the tuple the key does not give (E1: T, E2: O), packed
+U_META = V_USER + 2  # kind (bit 0), ports (bits 1 ..), refresh time (ms, bits 18 ..)
+NUSER = 3  # user words of a translated connection (a device may add its own after)
 KIND_ORIG, KIND_XLAT = 0, 1
+PORTS_BITS = 17  # a device's ports word: ingress | egress << 8 | its flags (bit 16)
+REFRESH_SHIFT = 1 + PORTS_BITS
 SLACK = 2.0  # seconds E2 outlives its connection, beyond the refresh margin
 AHEAD_E1 = AHEAD // 2  # rows a decision loop's E1 prefetches run ahead of it
+
+
+@inline_kernel
+def entry_kind(vals, e):
+    """KIND_ORIG (E1) or KIND_XLAT (E2)."""
+    return vals[e, U_META] & 1
+
+
+@inline_kernel
+def entry_ports(vals, e):
+    """The device ports word of entry ``e`` (ingress | egress << 8 | flags)."""
+    return (vals[e, U_META] >> 1) & ((1 << PORTS_BITS) - 1)
+
+
+@inline_kernel
+def set_meta(vals, e, kind, ports):
+    """Entry ``e``'s kind and ports; its refresh time 0 (due)."""
+    vals[e, U_META] = kind | (ports << 1)
+
+
+@inline_kernel
+def set_x(vals, e, sa, sp, da, dp):
+    """Entry ``e``'s other tuple (E1: T, E2: O)."""
+    vals[e, U_X] = (sa << 16) | sp
+    vals[e, U_X + 1] = (da << 16) | dp
+
+
+@inline_kernel
+def x_tuple(vals, e):
+    """(src, sport, dst, dport) of the tuple entry ``e`` keeps (E1: T, E2: O)."""
+    xs = vals[e, U_X]
+    xd = vals[e, U_X + 1]
+    return xs >> 16, xs & 0xFFFF, xd >> 16, xd & 0xFFFF
+
+
+@inline_kernel
+def key_tuple(keys, vals, e):
+    """(src, sport, dst, dport) of entry ``e``'s own key (E1: O, E2: T), the
+    endpoint its ``F_ORIG_A`` names first (:func:`dva.nf.conntrack.ct_make_key`)."""
+    k1 = keys[e, 1]
+    k2 = keys[e, 2]
+    aa = (k1 >> 32) & 0xFFFFFFFF
+    ba = k1 & 0xFFFFFFFF
+    ap = (k2 >> 16) & 0xFFFF
+    bp = k2 & 0xFFFF
+    if (vals[e, V_FLAGS] & F_ORIG_A) != 0:
+        return aa, ap, ba, bp
+    return ba, bp, aa, ap
+
+
+@inline_kernel
+def conn_tuples(keys, vals, e):
+    """O then T of the connection of entry ``e`` (E1 or E2): eight values, (src,
+    sport, dst, dport) of each."""
+    ks, ksp, kd, kdp = key_tuple(keys, vals, e)
+    xs, xsp, xd, xdp = x_tuple(vals, e)
+    if entry_kind(vals, e) == KIND_XLAT:
+        return xs, xsp, xd, xdp, ks, ksp, kd, kdp
+    return ks, ksp, kd, kdp, xs, xsp, xd, xdp
 
 
 @inline_kernel
@@ -116,41 +180,53 @@ def read_tuple(pkt, l3, l4, end, proto, tup):
 
 
 @inline_kernel
-def xlat_endpoint(vals, e, f, g, a, p):
-    """Endpoint (a, p) of space ``f`` (U_O or U_T) in space ``g``: (addr, port)."""
-    if a == vals[e, f] and p == vals[e, f + 1]:
-        return vals[e, g], vals[e, g + 1]
-    if a == vals[e, f + 2] and p == vals[e, f + 3]:
-        return vals[e, g + 2], vals[e, g + 3]
+def _map_endpoint(a, p, fs, fsp, fd, fdp, gs, gsp, gd, gdp):
+    """Endpoint (a, p) of tuple F in tuple G: (addr, port)."""
+    if a == fs and p == fsp:
+        return gs, gsp
+    if a == fd and p == fdp:
+        return gd, gdp
     return a, p
 
 
 @inline_kernel
-def translate(pkt, l3, l4, end, proto, vals, e, f, g, tup):
-    """Rewrite the packet's tuple from space ``f`` to space ``g`` of connection e."""
+def spaces(keys, vals, e, to_t):
+    """The connection's tuples as (from, to) of a rewrite: (O, T) with ``to_t``, else
+    (T, O); eight values."""
+    os_, osp, od, odp, ts, tsp, td, tdp = conn_tuples(keys, vals, e)
+    if to_t:
+        return os_, osp, od, odp, ts, tsp, td, tdp
+    return ts, tsp, td, tdp, os_, osp, od, odp
+
+
+@inline_kernel
+def translate(pkt, l3, l4, end, proto, keys, vals, e, to_t, tup):
+    """Rewrite the packet's tuple from connection ``e``'s O to its T (``to_t``), or
+    from T to O."""
+    fs, fsp, fd, fdp, gs, gsp, gd, gdp = spaces(keys, vals, e, to_t)
     read_tuple(pkt, l3, l4, end, proto, tup)
-    sa, sp = xlat_endpoint(vals, e, f, g, tup[0], tup[1])
-    da, dp = xlat_endpoint(vals, e, f, g, tup[2], tup[3])
+    sa, sp = _map_endpoint(tup[0], tup[1], fs, fsp, fd, fdp, gs, gsp, gd, gdp)
+    da, dp = _map_endpoint(tup[2], tup[3], fs, fsp, fd, fdp, gs, gsp, gd, gdp)
     put_endpoint(pkt, l3, l4, end, proto, 0, sa, sp)
     put_endpoint(pkt, l3, l4, end, proto, 1, da, dp)
 
 
 @kernel
-def icmp_error_xlat(data, row, vals, e, tup):
+def icmp_error_xlat(data, row, keys, vals, e, tup):
     """Translate an ICMP error whose quoted packet belongs to connection entry ``e``
     (found by the quoted tuple): the quoted header into the other space of the
     connection, the outer destination (the quoted packet's source) and source (if it
     is the quoted destination) alike, the ICMP checksum recomputed. Returns the port
     toward the quoted packet's source."""
-    return icmp_error_xlat_from(data, row, vals, e,
-                                U_T if vals[e, U_KIND] == KIND_XLAT else U_O, tup)
+    return icmp_error_xlat_from(data, row, keys, vals, e,
+                                entry_kind(vals, e) == KIND_XLAT, tup)
 
 
 @kernel
-def icmp_error_xlat_from(data, row, vals, e, f, tup):
-    """:func:`icmp_error_xlat` with the quoted packet in space ``f`` (U_O or U_T) of
-    connection ``e``, whatever the entry: an error about a translated packet of a
-    connection that has no E2 (the lb's DNAT), found through its E1."""
+def icmp_error_xlat_from(data, row, keys, vals, e, quoted_t, tup):
+    """:func:`icmp_error_xlat` with the quoted packet in connection ``e``'s T
+    (``quoted_t``) or O, whatever the entry: an error about a translated packet of
+    a connection that has no E2 (the lb's DNAT), found through its E1."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
     l3 = row[L.L3_OFF]
@@ -159,12 +235,12 @@ def icmp_error_xlat_from(data, row, vals, e, f, tup):
     q = l4 + 8
     il4 = q + (i64(pkt[q]) & 0xF) * 4
     iproto = i64(pkt[q + 9])
-    g = U_O if f == U_T else U_T
+    fs, fsp, fd, fdp, gs, gsp, gd, gdp = spaces(keys, vals, e, not quoted_t)
     read_tuple(pkt, q, il4, end, iproto, tup)
     qa, qp, ra, rp = tup[0], tup[1], tup[2], tup[3]
-    from_orig_src = qa == vals[e, f] and qp == vals[e, f + 1]
-    nqa, nqp = xlat_endpoint(vals, e, f, g, qa, qp)
-    nra, nrp = xlat_endpoint(vals, e, f, g, ra, rp)
+    from_orig_src = qa == fs and qp == fsp
+    nqa, nqp = _map_endpoint(qa, qp, fs, fsp, fd, fdp, gs, gsp, gd, gdp)
+    nra, nrp = _map_endpoint(ra, rp, fs, fsp, fd, fdp, gs, gsp, gd, gdp)
     put_endpoint(pkt, q, il4, end, iproto, 0, nqa, nqp)
     put_endpoint(pkt, q, il4, end, iproto, 1, nra, nrp)
     osrc = rd32(pkt, l3 + 12)
@@ -173,21 +249,20 @@ def icmp_error_xlat_from(data, row, vals, e, f, tup):
         put_endpoint(pkt, l3, l4, end, 255, 0, nra, 0)
     wr16(pkt, l4 + 2, 0)
     wr16(pkt, l4 + 2, csum_fold(csum_add(pkt, l4, end - l4, 0)))
-    ports = vals[e, U_PORTS]
+    ports = entry_ports(vals, e)
     return (ports & 0xFF) if from_orig_src else ((ports >> 8) & 0xFF)
 
 
 @inline_kernel
 def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands):
     c = cands[j]
-    if c < 0 or not is_used(state[c]) or vals[c, U_KIND] != KIND_XLAT:
+    if c < 0 or not is_used(state[c]) or entry_kind(vals, c) != KIND_XLAT:
         return
     row = meta[j]
     if in_port >= 0 and row[L.IN_PORT] != in_port:
         return
-    o = U_O
-    ct_make_key(key2, row[L.TENANT], row[L.PROTO], vals[c, o], vals[c, o + 1],
-                vals[c, o + 2], vals[c, o + 3])
+    sa, sp, da, dp = x_tuple(vals, c)  # an E2 keeps O
+    ct_make_key(key2, row[L.TENANT], row[L.PROTO], sa, sp, da, dp)
     tbl_prefetch(state, expires, tbl_hash(key2) & (state.shape[0] - 1))
 
 
@@ -227,20 +302,21 @@ def refresh_due(vals, expires, e1, now):
         margin = 1.0
     elif margin > 60.0:
         margin = 60.0
-    until = vals[e1, U_REFRESH] / 1e6
+    meta = vals[e1, U_META]
+    until = (meta >> REFRESH_SHIFT) / 1e3
     if until >= expires[e1] + SLACK and until <= expires[e1] + 2.0 * margin + SLACK:
         return -1.0
     exp = expires[e1] + margin + SLACK
-    vals[e1, U_REFRESH] = i64(exp * 1e6)
+    # in whole ms, rounded down: still past expires + SLACK, as margin >= 1 s
+    vals[e1, U_META] = (meta & ((1 << REFRESH_SHIFT) - 1)) | (i64(exp * 1e3) << REFRESH_SHIFT)
     return exp
 
 
 @kernel
 def touch_e2(keys, state, expires, info, vals, key2, e1, zone, proto, exp, now):
     """Make E2 of connection ``e1`` live until ``exp``."""
-    t = U_T
-    ct_make_key(key2, zone, proto, vals[e1, t], vals[e1, t + 1], vals[e1, t + 2],
-                vals[e1, t + 3])
+    sa, sp, da, dp = x_tuple(vals, e1)  # E1 keeps T
+    ct_make_key(key2, zone, proto, sa, sp, da, dp)
     e2 = tbl_lookup(keys, state, expires, info, key2, now)
     if e2 >= 0 and e2 != e1:
         expires[e2] = exp
