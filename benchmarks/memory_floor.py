@@ -11,8 +11,8 @@ every page touched first, so no page faults are timed):
 
 * ``fw``: 2M slots of 16 words (2 cache lines), 256 MiB: the firewall's table for
   1M flows;
-* ``nat``: 4M slots of 24 words (3 lines), 768 MiB: the NAT's (E1 and E2 of 1M
-  connections).
+* ``nat``: 4M slots of 16 words (2 lines), 512 MiB: the NAT's (E1 and E2 of 1M
+  connections; 3 lines, 768 MiB, until 2026-12-05).
 
 Per table, rows of 256 random slots (a batch), two ways:
 
@@ -41,6 +41,26 @@ array, not from frames (no parsing):
   finds nothing, then ``tbl_insert``, inlined as in ``ct_create``): a connection's
   creation.
 
+And whether the memory overlaps a decision loop's compute (``overlap_*``): the
+NAT's table again (4M slots of 2 lines, with its control bytes), rows
+of 256 random slots, each row's control byte read to find its record (as
+:func:`dva.nf.table.tbl_slot_for` does) and the record's lines read, plus a fixed
+compute per row that stands for a device's (``OVERLAP_WORK`` dependent loads in a
+4 KB array, about 35 ns):
+
+* ``overlap_cached``: a table of 4096 slots (everything cached): the compute and
+  reads alone;
+* ``overlap_batch``: the control bytes of the batch prefetched in one loop, the
+  records in a second, then the compute loop (the devices' run-ahead until
+  2026-12-05);
+* ``overlap_ahead``: the control bytes in one loop, each record prefetched
+  ``dva.nf.table.AHEAD`` rows ahead inside the compute loop
+  (:func:`dva.nf.table.tbl_prefetch_found_ahead`, as the devices do now).
+
+``overlap_ahead`` near ``overlap_cached`` means the misses hide behind the compute;
+``overlap_batch`` near ``overlap_cached`` plus the record reads alone means they
+add up.
+
 Median of ``--runs`` runs.
 """
 
@@ -58,7 +78,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BATCH = 256
 ROWS = 4000  # batches per measurement
-TABLES = {"fw": (1 << 21, 16), "nat": (1 << 22, 24)}  # slots, words per record
+TABLES = {"fw": (1 << 21, 16), "nat": (1 << 22, 16)}  # slots, words per record
+OVERLAP_SLOTS, OVERLAP_WORDS, OVERLAP_WORK = 1 << 22, 16, 25
 # lookup_1M: flows held, and new ones insert_1M adds (the limit, their sum, gives the
 # firewall's 2M slots at 1M flows; half full after the inserts)
 LOOKUP_FLOWS = (950_000, 98_000)
@@ -86,6 +107,53 @@ def build_kernels():
         out[0] = tot
 
     return read_rows
+
+
+def build_overlap():
+    import numpy as np
+
+    from dva._jit import kernel, prefetch
+    from dva.nf.table import AHEAD
+
+    chase = np.random.default_rng(5).permutation(512).astype(np.int64)
+
+    @kernel
+    def overlap_rows(recs, ctrl, slots, work, ahead, cand, out):
+        """Per row of ``slots``: its control byte read (the record's slot depends on
+        it), the record's lines read, then ``work`` dependent loads of ``chase``;
+        records prefetched batch-wide (``ahead`` 0) or ``AHEAD`` rows ahead."""
+        tot = 0
+        first = recs[:, 0]
+        words = recs.shape[1]
+        for b in range(slots.shape[0]):
+            row = slots[b]
+            n = row.shape[0]
+            for i in range(n):
+                prefetch(ctrl, row[i], 0)
+            lead = AHEAD if ahead else n
+            for i in range(min(lead, n)):
+                c = row[i] + (ctrl[row[i]] & 0)
+                cand[i] = c
+                for off in range(0, words * 8, 64):
+                    prefetch(first, c, off)
+            for i in range(n):
+                j = i + lead
+                if j < n:
+                    c = row[j] + (ctrl[row[j]] & 0)
+                    cand[j] = c
+                    for off in range(0, words * 8, 64):
+                        prefetch(first, c, off)
+                s = cand[i]
+                v = 0
+                for w in range(0, words, 8):
+                    v += recs[s, w]
+                k = v & 511
+                for _ in range(work):
+                    k = chase[k]
+                tot += k
+        out[0] = tot
+
+    return overlap_rows
 
 
 def build_lookup():
@@ -206,6 +274,21 @@ def main() -> None:
         big.remove_buckets(None, 0.0)
         big.rebuild(0.0)
         look(big.keys, big.state, big.bucket, big.expires, big.info, bkeys[:flows], True)
+    overlap = build_overlap()
+    cand = np.zeros(BATCH, np.int64)
+    big_recs = table(OVERLAP_SLOTS, OVERLAP_WORDS)
+    big_ctrl = np.ones(OVERLAP_SLOTS, np.uint8)
+    small_recs = table(4096, OVERLAP_WORDS)
+    small_ctrl = np.ones(4096, np.uint8)
+    for _ in range(a.runs):
+        for name, recs, ctrl, ahead in (("overlap_cached", small_recs, small_ctrl, 1),
+                                        ("overlap_batch", big_recs, big_ctrl, 0),
+                                        ("overlap_ahead", big_recs, big_ctrl, 1)):
+            slots = rng.integers(0, recs.shape[0], (ROWS, BATCH))
+            overlap(recs, ctrl, slots[:1], OVERLAP_WORK, ahead, cand, out)  # compiled
+            t0 = time.perf_counter()
+            overlap(recs, ctrl, slots, OVERLAP_WORK, ahead, cand, out)
+            ns.setdefault(name, []).append((time.perf_counter() - t0) / (ROWS * BATCH) * 1e9)
     rows = {k: {"median": statistics.median(v), "runs": v, "unit": "ns/row"}
             for k, v in ns.items()}
     best = {t: min(rows[f"{t}_cold"]["median"], rows[f"{t}_ahead"]["median"])
