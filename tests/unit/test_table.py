@@ -403,6 +403,44 @@ def test_connection_records_stay_within_their_cache_lines():
     assert lines(LbState(lb).ct.table) == 2
 
 
+def test_an_established_udp_flow_reads_only_its_records_first_line():
+    """The run-ahead fetches only the first line of a UDP row's entry
+    (``table.HOT_ONLY``) for the firewall and the NAT: the words their per-packet
+    path reads there (expiry, key, conntrack's flags, the device's words: the NAT's
+    other tuple and its kind, ports and refresh time) must all lie in it, and TCP's
+    state and windows, the aux word and the bucket outside it."""
+    from dva.nf.conntrack import (
+        DEVICE_WORDS,
+        V_AUX,
+        V_END,
+        V_FLAGS,
+        V_MAXEND,
+        V_MAXWIN,
+        V_SCALE,
+        V_STATE,
+        V_USER,
+        Conntrack,
+    )
+    from dva.nf.xlat import NUSER, U_META, U_X
+
+    t = Conntrack(16, user_words=NUSER).table
+    base = t.records.ctypes.data
+
+    def word(a, col=None):
+        view = a if col is None else a[:, col]
+        return (view.ctypes.data - base) // 8
+
+    first = {word(t.expires), *(word(t.keys, k) for k in range(t.key_words)),
+             word(t.vals, V_FLAGS), *(word(t.vals, V_USER + k) for k in range(DEVICE_WORDS)),
+             word(t.vals, U_X), word(t.vals, U_X + 1), word(t.vals, U_META)}
+    second = {word(t.vals, v) for v in (V_STATE, V_AUX, V_END, V_MAXEND, V_MAXWIN, V_SCALE)}
+    second.add(word(t.bucket))
+    assert max(first) < 8 and min(second) >= 8 and len(first) == 8
+    assert NUSER == DEVICE_WORDS
+    with pytest.raises(ValueError, match="3 words"):
+        Conntrack(16, user_words=DEVICE_WORDS + 1)
+
+
 def test_a_kept_lookup_result_is_trusted_only_while_the_slot_still_holds_the_key():
     """``tbl_holds``: the decision loops of nat and lb start from the slot their
     run-ahead lookup found earlier in the batch; between the two the entry may have

@@ -54,12 +54,16 @@ among ``EARLY_DROP_SCAN`` slots from the new key's hash position ("early drop",
 counted). When there is none, the connection is refused (counted); assured entries
 are never evicted.
 
-**Values** of an entry (int64 words): ``V_STATE`` (TCP state; UDP/ICMP/other: 0),
-``V_FLAGS`` (``F_*``), ``V_AUX`` (one word for the owning device, e.g. the firewall
-rule that allowed it), per direction d (0: original, 1: reply) the window tracking
-``V_END``, ``V_MAXEND``, ``V_MAXWIN`` (32-bit values, direction ``d``'s in the
-word's half ``d``), and the window scale in byte ``d`` of ``V_SCALE``, then
-``user_words`` words for the device (``V_USER``...: the NAT translation).
+**Values** of an entry (int64 words): ``V_FLAGS`` (``F_*``), ``DEVICE_WORDS`` (3)
+words for the owning device (``V_USER``...: the NAT's translation), ``V_STATE`` (TCP
+state; UDP/ICMP/other: 0), ``V_AUX`` (one more word for the device, e.g. the
+firewall rule that allowed it), per direction d (0: original, 1: reply) the window
+tracking ``V_END``, ``V_MAXEND``, ``V_MAXWIN`` (32-bit values, direction ``d``'s in
+the word's half ``d``), and the window scale in byte ``d`` of ``V_SCALE``. The
+flags and the device words share the record's first cache line with the expiry and
+the key: a packet of an established UDP or ICMP flow reads nothing else (unless its
+device reads ``V_AUX``), and the run-ahead fetches that line alone
+(:func:`ct_prefetch_ctrl`); a TCP segment reads the second line too.
 
 Counters (``CT_EVENTS``, in the device's counter array from ``ev0`` on): flows
 created, early drops, refusals (table full), invalid packets, related packets,
@@ -72,6 +76,7 @@ import numpy as np
 
 from dva._jit import i64, inline_kernel, kernel
 from dva.nf.table import (
+    HOT_ONLY,
     I_EXPIRED,
     I_LIVE,
     I_MAX,
@@ -157,13 +162,19 @@ _TIMEOUT_INDEX = {
 }
 
 # value words
-V_STATE, V_FLAGS, V_AUX = 0, 1, 2
+# What a packet of an established UDP or ICMP flow reads comes first: with the
+# table's expiry and 3 key words, the flags and the device's words fill the record's
+# first cache line (dva.nf.table.HOT_ONLY); TCP's state and windows, and the device's
+# aux word, are in the second.
+V_FLAGS = 0
+V_USER = 1  # DEVICE_WORDS words for the device (the NAT's translation)
+DEVICE_WORDS = 3
+V_STATE, V_AUX = 4, 5
 # window tracking, one word each for both directions: direction d's 32-bit value in
 # bits 32d .. 32d + 31 (:func:`window_word`)
-V_END, V_MAXEND, V_MAXWIN = 3, 4, 5
-V_SCALE = 6  # both directions' window scales: direction d in bits 8d .. 8d + 7
-V_USER = 7
-BASE_WORDS = 7  # with the 6 words of slot state, bucket, expiry and key: 13 words
+V_END, V_MAXEND, V_MAXWIN = 6, 7, 8
+V_SCALE = 9  # both directions' window scales: direction d in bits 8d .. 8d + 7
+BASE_WORDS = 10  # with the table's expiry, key and bucket: 15 words, 2 lines
 # flags
 F_ORIG_A = 1  # endpoint A opened the connection
 F_REPLIED = 2  # a packet was seen in the reply direction
@@ -205,7 +216,10 @@ class Conntrack:
     """One device's connection table (flow state: moves with its buckets)."""
 
     def __init__(self, max_flows: int, user_words: int = 0) -> None:
-        self.table = HashTable(KEY_WORDS, BASE_WORDS + user_words, max_flows)
+        if user_words > DEVICE_WORDS:
+            raise ValueError(f"a connection holds {DEVICE_WORDS} words of a device's, "
+                             f"not {user_words}")
+        self.table = HashTable(KEY_WORDS, BASE_WORDS, max_flows)
         self.key = np.zeros(KEY_WORDS, np.int64)  # kernel scratch
         self.key2 = np.zeros(KEY_WORDS, np.int64)
 
@@ -243,7 +257,7 @@ class Conntrack:
                 "state": TCP_STATE_NAMES[val[V_STATE]] if proto == L.PROTO_TCP else
                 ("REPLIED" if val[V_FLAGS] & F_REPLIED else "UNREPLIED"),
                 "assured": bool(val[V_FLAGS] & F_ASSURED), "aux": val[V_AUX],
-                "user": val[V_USER:]})
+                "user": val[V_USER:V_USER + DEVICE_WORDS]})
         return out
 
 
@@ -639,7 +653,7 @@ def ct_row_key(key, data, row):
 
 
 @kernel
-def ct_prefetch_ctrl(state, info, key, data, meta, n, hs):
+def ct_prefetch_ctrl(state, info, key, data, meta, n, hs, hot):
     """The first pass of a batch's run-ahead: each TCP/UDP row's key hashed (into
     ``hs[i]``, -1 for a row that is not looked up) and its home slot's control bytes
     prefetched (a few MiB for a large table: they mostly stay cached). The decision
@@ -649,7 +663,10 @@ def ct_prefetch_ctrl(state, info, key, data, meta, n, hs):
     record alone, so that the record's miss overlaps the rows decided meanwhile.
     ``hs[i]`` is then that slot, the row's candidate: a hint for
     :func:`ct_classify_at` and :func:`ct_create`, which then check one slot instead
-    of probing. It is the batch's first pass (:func:`dva.nf.table.tbl_begin_pass`)."""
+    of probing. It is the batch's first pass (:func:`dva.nf.table.tbl_begin_pass`).
+    ``hot``: the device reads nothing but the first line of a UDP flow's entry (no
+    ``V_AUX``), so only that line is fetched for UDP rows
+    (:data:`dva.nf.table.HOT_ONLY`)."""
     tbl_begin_pass(info)
     for i in range(n):
         row = meta[i]
@@ -658,8 +675,8 @@ def ct_prefetch_ctrl(state, info, key, data, meta, n, hs):
             continue
         ct_row_key(key, data, row)
         h = tbl_hash(key)
-        hs[i] = h
         tbl_prefetch_ctrl(state, h)
+        hs[i] = h | HOT_ONLY if hot and row[L.PROTO] == L.PROTO_UDP else h
 
 
 @kernel

@@ -571,14 +571,14 @@ def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slot
     expired_before = info[I_EXPIRED]
     fullnat = cfg[G_FULLNAT] != 0
     if fullnat:
-        ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
+        ct_prefetch_ctrl(state, info, key, data, meta, n, hints, False)  # V_AUX
     else:
         _dnat_prefetch_ctrl(state, info, key, data, meta, n, hints, slots, vips, backends,
                             ep_keys, ep_first, ep_rows)
     for i in range(n):
         tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
         if fullnat:
-            prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, 1, hints)
+            prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, 1, hints, False)
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

@@ -690,10 +690,10 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
     the row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
+    ct_prefetch_ctrl(state, info, key, data, meta, n, hints, True)
     for i in range(n):
         tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
-        prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, -1, hints)
+        prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, -1, hints, True)
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

@@ -4,10 +4,10 @@ Every piece of device state that grows with traffic (MAC tables, connection
 tracking, NAT mappings, LB affinity) is one of these, so that bounding, expiry and
 moving state by flow bucket are written once:
 
-* one record per slot (one int64 row, cache-line aligned: a spare word, bucket,
-  expiry, key words, value words), so that a lookup touches one or two cache lines;
-  the kernels take column views of it (``keys``, ``vals``, ``bucket``,
-  ``expires``);
+* one record per slot (one int64 row, cache-line aligned: expiry, key words, value
+  words, bucket), so that a lookup touches one or two cache lines -- one when what
+  it reads is in the first eight words (:data:`HOT_ONLY`); the kernels take column
+  views of it (``keys``, ``vals``, ``bucket``, ``expires``);
 * and one **control byte** per slot in a dense array of its own (``state``: 64
   slots a cache line, a few MiB for millions of slots, so it mostly stays cached):
   ``EMPTY``, ``TOMB``, or for a used slot an odd code carrying 6 bits of the key's
@@ -52,6 +52,10 @@ IMPORT_BLOCK = 32  # entries whose home slots an import prefetches (misses overl
 AHEAD = 12  # rows a decision loop's record prefetches run ahead of it
 
 M32 = 0xFFFFFFFF
+# In a run-ahead's hash (above its 32 bits): the row, when its key is present, reads
+# only its record's first line (expiry, key, the first value words), so that line
+# alone is fetched (:func:`tbl_prefetch_found`). A device sets it where that holds.
+HOT_ONLY = 1 << 32
 
 
 MUL = 0x5851F42D4C957F2D  # odd, < 2**63 so numba types it as int64
@@ -103,6 +107,16 @@ def tbl_prefetch(state, expires, s):
 
 
 @inline_kernel
+def tbl_prefetch_hot(state, expires, s):
+    """:func:`tbl_prefetch` for a reader of the first lines alone
+    (:data:`HOT_ONLY`): slot ``s``'s control byte's line, its record's first line and
+    the next record's."""
+    prefetch(state, s, 0)
+    prefetch(expires, s, 0)
+    prefetch(expires, s, expires.strides[0])
+
+
+@inline_kernel
 def tbl_prefetch_ctrl(state, h):
     """First pass of a two-pass run-ahead: the control bytes of the home slot of a
     key that hashes to ``h`` (the line a probe of it reads first)."""
@@ -133,10 +147,15 @@ def tbl_slot_for(state, h):
 @inline_kernel
 def tbl_prefetch_found(state, expires, h):
     """Second pass: the record of :func:`tbl_slot_for` (its control bytes fetched by
-    :func:`tbl_prefetch_ctrl`), whole. A batch's records then come in one miss each,
-    with no line fetched for a slot the probe does not use. Returns that slot."""
-    s = tbl_slot_for(state, h)
-    _record_lines(expires, s, 0)
+    :func:`tbl_prefetch_ctrl`), whole, or its first line alone when ``h`` carries
+    :data:`HOT_ONLY` and the slot is used (a free one is where a new entry goes: all
+    of it is written). A batch's records then come in one miss a line, with no line
+    fetched for a slot the probe does not use. Returns that slot."""
+    s = tbl_slot_for(state, h & M32)
+    if (h & HOT_ONLY) != 0 and is_used(state[s]):
+        prefetch(expires, s, 0)
+    else:
+        _record_lines(expires, s, 0)
     return s
 
 
@@ -408,8 +427,7 @@ def _take(records, state, bucket, expires, want, now, out):
             continue
         if k >= out.shape[0]:
             break
-        out[k, 0] = USED  # the record's first word: the slot's state, for the reader
-        for w in range(1, out.shape[1]):
+        for w in range(out.shape[1]):
             out[k, w] = records[s, w]
         k += 1
     return k
@@ -474,22 +492,24 @@ class HashTable:
         self.key_words = key_words
         self.value_words = value_words
         cap = _slots_for(max_entries)
-        # One record per slot, cache-line aligned: a spare word, bucket, expiry, key
-        # words, value words. A lookup then touches one or two cache lines, not one
-        # per array (with a million flows every one of those is a miss). The kernels
-        # get column views of it. The slots' control bytes are a dense array of
+        # One record per slot, cache-line aligned: expiry, key words, value words,
+        # bucket. A lookup then touches one or two cache lines, not one per array
+        # (with a million flows every one of those is a miss): the first line holds
+        # the expiry, the key and the first value words, all a packet of an
+        # established flow reads in conntrack (UDP, ICMP); the bucket, read only when
+        # buckets move, comes last. The kernels get column views of it. The slots' control bytes are a dense array of
         # their own (see the module's docstring). Nothing is written here: the zeroed
         # pages stay unallocated until slots are used (a large idle table costs no
         # memory).
-        width = (3 + key_words + value_words + 7) // 8 * 8
+        width = (2 + key_words + value_words + 7) // 8 * 8
         raw = np.zeros(cap * width + 8, np.int64)
         off = (-raw.ctypes.data // 8) % 8
         self.records = raw[off:off + cap * width].reshape(cap, width)
         self.state = np.zeros(cap, np.int8)
-        self.bucket = self.records[:, 1]  # meaningful in used slots only
-        self.expires = self.records[:, 2].view(np.float64)
-        self.keys = self.records[:, 3:3 + key_words]
-        self.vals = self.records[:, 3 + key_words:3 + key_words + value_words]
+        self.expires = self.records[:, 0].view(np.float64)
+        self.keys = self.records[:, 1:1 + key_words]
+        self.vals = self.records[:, 1 + key_words:1 + key_words + value_words]
+        self.bucket = self.records[:, 1 + key_words + value_words]  # in used slots
         self.info = np.zeros(NINFO, np.int64)
         self.info[I_MAX] = max_entries
 
@@ -595,9 +615,8 @@ class HashTable:
 
     @property
     def record_words(self) -> int:
-        """Words of a record :meth:`take_entries` gives: state, bucket, expiry, key,
-        value."""
-        return 3 + self.key_words + self.value_words
+        """Words of a record :meth:`take_entries` gives: expiry, key, value, bucket."""
+        return 2 + self.key_words + self.value_words
 
     def take_entries(self, buckets, now: float, out: np.ndarray | None = None
                      ) -> dict[str, np.ndarray]:
@@ -618,13 +637,13 @@ class HashTable:
         r = e["records"]
         kw, vw = (int(x) for x in e["words"])
         if (kw, vw) != (self.key_words, self.value_words) or r.ndim != 2 \
-                or r.shape[1] < 3 + kw + vw:
+                or r.shape[1] < 2 + kw + vw:
             raise ValueError(f"entries of {kw}+{vw} words do not fit a table of "
                              f"{self.key_words}+{self.value_words}")
         # column views of the records (no copies: they may be a staged file's pages)
         failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
-                         self.info, r[:, 3:3 + kw], r[:, 3 + kw:3 + kw + vw], r[:, 1],
-                         r[:, 2].view(np.float64), now, False)
+                         self.info, r[:, 1:1 + kw], r[:, 1 + kw:1 + kw + vw],
+                         r[:, 1 + kw + vw], r[:, 0].view(np.float64), now, False)
         if failed:
             raise TableFull(f"{failed} of {len(r)} moved entries did not fit "
                             f"(limit {self.max_entries})")

@@ -462,8 +462,8 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
     count. ``n == 0`` is a tick: ARP for next hops unknown or about to expire.
 
     ``mrec``/``mfrec`` (``nrec``/``nfrec``) are the MAC (neighbour) table's records
-    as int64 and as float64 (:class:`~dva.nf.table.HashTable`: a spare word, bucket,
-    expiry, one key word, one value word), ``mstate``/``nstate`` their control bytes:
+    as int64 and as float64 (:class:`~dva.nf.table.HashTable`: expiry, one key
+    word, one value word, bucket), ``mstate``/``nstate`` their control bytes:
     contiguous arrays cost the dispatcher far less than the column views the
     ``tbl_*`` kernels take, which are taken here.
     """
@@ -486,14 +486,14 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
     static_vtep = dv[o + nstatic:o + 2 * nstatic]
     o += 2 * nstatic
     vtep_slots = dv[o:o + dv[G_NVH]]
-    mbucket = mrec[:, 1]
-    mexp = mfrec[:, 2]
-    mkeys = mrec[:, 3:4]
-    mvals = mrec[:, 4:5]
-    nbucket = nrec[:, 1]
-    nexp = nfrec[:, 2]
-    nkeys = nrec[:, 3:4]
-    nvals = nrec[:, 4:5]
+    mexp = mfrec[:, 0]
+    mkeys = mrec[:, 1:2]
+    mvals = mrec[:, 2:3]
+    mbucket = mrec[:, 3]
+    nexp = nfrec[:, 0]
+    nkeys = nrec[:, 1:2]
+    nvals = nrec[:, 2:3]
+    nbucket = nrec[:, 3]
 
     misc[M_EPOCH] += 1
     epoch = misc[M_EPOCH]

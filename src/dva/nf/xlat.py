@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
 from dva.nf.conntrack import F_ORIG_A, V_FLAGS, V_USER, ct_make_key
-from dva.nf.table import AHEAD, is_used, tbl_hash, tbl_lookup, tbl_prefetch
+from dva.nf.table import AHEAD, is_used, tbl_hash, tbl_lookup, tbl_prefetch, tbl_prefetch_hot
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
@@ -254,7 +254,7 @@ def icmp_error_xlat_from(data, row, keys, vals, e, quoted_t, tup):
 
 
 @inline_kernel
-def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands):
+def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot):
     c = cands[j]
     if c < 0 or not is_used(state[c]) or entry_kind(vals, c) != KIND_XLAT:
         return
@@ -263,11 +263,15 @@ def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands):
         return
     sa, sp, da, dp = x_tuple(vals, c)  # an E2 keeps O
     ct_make_key(key2, row[L.TENANT], row[L.PROTO], sa, sp, da, dp)
-    tbl_prefetch(state, expires, tbl_hash(key2) & (state.shape[0] - 1))
+    s = tbl_hash(key2) & (state.shape[0] - 1)
+    if hot and row[L.PROTO] == L.PROTO_UDP:
+        tbl_prefetch_hot(state, expires, s)
+    else:
+        tbl_prefetch(state, expires, s)
 
 
 @inline_kernel
-def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands):
+def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands, hot):
     """Called in row ``i``'s iteration of a decision loop, after
     :func:`dva.nf.table.tbl_prefetch_found_ahead`: for row ``i + AHEAD_E1`` (at row 0
     also for rows ``0 .. AHEAD_E1 - 1``) from port ``in_port`` (or any when -1), if
@@ -280,13 +284,14 @@ def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands):
     A hint, not a lookup: a candidate that holds another key with the same control
     byte (one in 64) costs a useless prefetch. The rows' keys are not built and
     compared here: the decision loop's lookups start from the same candidates
-    (:func:`dva.nf.conntrack.ct_classify_at`)."""
+    (:func:`dva.nf.conntrack.ct_classify_at`). ``hot``: for a UDP row the device
+    reads only E1's first line (:func:`dva.nf.table.tbl_prefetch_hot`)."""
     if i == 0:
         for j in range(min(AHEAD_E1, n)):
-            _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands)
+            _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot)
     j = i + AHEAD_E1
     if j < n:
-        _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands)
+        _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot)
 
 
 @inline_kernel
