@@ -151,6 +151,11 @@ def flow_lin(pkt, tenant, proto, src, dst, alen, sport, dport):
                       sport, dport)
 
 
+# every parsed packet's hash: inlined into the parser (a call per packet, which passes
+# the frame's array field by field, cost about a fifth of the parse)
+_flow_lin_inline = inline_copy(flow_lin)
+
+
 @kernel
 def flow_hash(pkt, tenant, proto, src, dst, alen, sport, dport):
     """``HASH`` of a flow: fmix32 of its bucket hash (see :func:`flow_lin`)."""
@@ -279,7 +284,7 @@ def _ip_hash(pkt, end, row, tenant, src, dst, alen, is_v6):
                         + rd16(pkt, l4 + 4)) & M32
     if proto < 0:
         proto = 0
-    return flow_lin(pkt, tenant, proto, src, dst, alen, sport, dport)
+    return _flow_lin_inline(pkt, tenant, proto, src, dst, alen, sport, dport)
 
 
 @inline_kernel
