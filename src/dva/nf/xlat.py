@@ -9,11 +9,13 @@ an entry keeps only the other one (user words ``U_X``: E1 holds T, E2 holds O,
 each endpoint packed as ``addr << 16 | port``: :func:`x_tuple`), and one word
 ``U_META``: the entry's kind, the device ports (ingress of the first packet |
 egress << 8, and a device's flags above) and, in E1, until when E2 (and a device's
-own side tables) were last made to live. With conntrack's words that is 16 words,
-two cache lines a record: with tables far larger than the caches a packet costs a
-miss per line it touches, so the third line the two tuples took cost more than
-unpacking them does. (The lb in DNAT mode keeps E1 alone: a reply's tuple names
-its connection through the VIP that lists the backend, see :mod:`dva.nf.lb`.)
+own side tables) were last made to live. These are conntrack's three device words
+(:data:`dva.nf.conntrack.DEVICE_WORDS`), in the record's first cache line with the
+key: with tables far larger than the caches a packet costs a miss per line it
+touches, and a packet of an established UDP flow translated here reads that line
+alone (a record is two lines; both tuples whole took a third). (The lb in DNAT mode
+keeps E1 alone: a reply's tuple names its connection through the VIP that lists
+the backend, see :mod:`dva.nf.lb`.)
 
 The kernels here rewrite a packet from one space to the other with incremental
 checksum updates (RFC 1624), translate ICMP errors about a connection (RFC 5508:
