@@ -403,8 +403,8 @@ def send_reject(data, free, top, meta, i, total, headroom, events, ev, note):
 
 
 @kernel
-def firewall_kernel(data, free, top, meta, n, headroom, rules, cfg, keys, vals, state,
-                    bucket, expires, info, key, cands, timeouts, events, flags, now, sweep):
+def firewall_kernel(data, free, top, meta, n, headroom, now, sweep, rules, cfg, keys, vals,
+                    state, bucket, expires, info, key, cands, timeouts, events, flags):
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
     expired_before = info[I_EXPIRED]
@@ -516,12 +516,19 @@ class Firewall(Device):
         return (f"{self.name} ({self.type_name}: {len(self.config.rules)} rules, default "
                 f"{self.config.default})")
 
-    def process(self, batch, state: FirewallState, now: float) -> None:
-        pool = batch.pool
+    def _bind(self, state: FirewallState, rows: int) -> tuple[tuple, int]:
+        """firewall_kernel's arguments that stay the same
+        (:meth:`DeviceState.bound`)."""
         t = state.ct.table
-        batch.n = state.kernel_call(self, firewall_kernel)(
-            pool.data, pool.free, pool.top, batch.meta, batch.n, pool.headroom, self.rules,
-            self.cfg, t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key,
-            state.scratch(batch.n, "cands"), self.timeouts, state.events, state.flags, float(now),
-            SWEEP_BATCH if batch.n else SWEEP_TICK)
-        state.ct.after_batch(state.flags[0], state.events, now)
+        cands = state.scratch(rows, "cands")
+        return (self.rules, self.cfg, t.keys, t.vals, t.state, t.bucket, t.expires, t.info,
+                state.ct.key, cands, self.timeouts, state.events, state.flags), len(cands)
+
+    def process(self, batch, state: FirewallState, now: float) -> None:
+        call, args = state.bound(self, firewall_kernel, self._bind, batch.n)
+        pool = batch.pool
+        batch.n = call.target(pool.data, pool.free, pool.top, batch.meta, batch.n,
+                              pool.headroom, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK,
+                              *args)
+        if state.flags[0]:
+            state.ct.after_batch(1, state.events, now)

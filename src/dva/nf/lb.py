@@ -562,9 +562,9 @@ def _dnat_prefetch_ctrl(state, info, key, data, meta, n, hs, rev, vips, backends
 
 
 @kernel
-def lb_kernel(data, meta, n, keys, vals, state, bucket, expires, info, key, slots, hints,
-              key2, tup, vips, vip_addrs, backends, be_addrs, ep_keys, ep_first, ep_rows,
-              maglev, cfg, mask, timeouts, events, flags, now, sweep):
+def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expires, info,
+              key, slots, hints, key2, tup, vips, vip_addrs, backends, be_addrs, ep_keys,
+              ep_first, ep_rows, maglev, cfg, timeouts, events, flags):
     """Decide and translate rows [0, n). Returns the row count (nothing appended).
     ``hints[i]``: row i's candidate slot from the run-ahead; ``slots[i]`` (dnat):
     its backend endpoint's number from :func:`_dnat_prefetch_ctrl`."""
@@ -823,13 +823,18 @@ class Lb(Device):
                          now=now)
         state.rebuild_tables(now)
 
-    def process(self, batch, state: LbState, now: float) -> None:
+    def _bind(self, state: LbState, rows: int) -> tuple[tuple, int]:
+        """lb_kernel's arguments that stay the same (:meth:`DeviceState.bound`)."""
         t = state.ct.table
-        batch.n = state.kernel_call(self, lb_kernel)(
-            batch.pool.data, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
-            t.expires, t.info, state.ct.key, state.scratch(batch.n, "slots"),
-            state.scratch(batch.n, "hints"), state.key2, state.tup, self.vips,
-            self.vip_addrs, self.backends, self.be_addrs, self.ep_keys, self.ep_first,
-            self.ep_rows, state.maglev, self.cfg, state.bucket_mask, self.timeouts, state.events,
-            state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
-        state.ct.after_batch(state.flags[0], state.events, now)
+        slots, hints = state.scratch(rows, "slots"), state.scratch(rows, "hints")
+        return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key, slots,
+                hints, state.key2, state.tup, self.vips, self.vip_addrs, self.backends,
+                self.be_addrs, self.ep_keys, self.ep_first, self.ep_rows, state.maglev,
+                self.cfg, self.timeouts, state.events, state.flags), min(len(slots), len(hints))
+
+    def process(self, batch, state: LbState, now: float) -> None:
+        call, args = state.bound(self, lb_kernel, self._bind, batch.n)
+        batch.n = call.target(batch.pool.data, batch.meta, batch.n, state.bucket_mask,
+                              float(now), SWEEP_BATCH if batch.n else SWEEP_TICK, *args)
+        if state.flags[0]:
+            state.ct.after_batch(1, state.events, now)

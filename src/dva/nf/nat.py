@@ -147,6 +147,7 @@ from dva.nf.table import (
     I_EXPIRED,
     I_LIVE,
     I_MAX,
+    I_TOMBS,
     HashTable,
     tbl_insert,
     tbl_lookup,
@@ -682,12 +683,14 @@ def _refuse(data, free, top, meta, i, total, headroom, events, reason):
 
 
 @kernel
-def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, expires,
-               info, mkeys, mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, tup, hints,
-               pool, pool_h, static, dnat, cfg, rules, mask, timeouts, events, flags, now,
-               sweep):
+def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals, state,
+               bucket, expires, info, mkeys, mvals, mstate, mbucket, mexp, minfo, key, key2,
+               mkey, tup, hints, pool, pool_h, static, dnat, cfg, rules, timeouts, events,
+               flags):
     """Decide and translate rows [0, n); append the filter's reject answers. Returns
-    the row count."""
+    the row count; ``flags[0]``: bit 0, the connection table wants a rebuild
+    (:func:`dva.nf.conntrack.ct_sweep`), bit 1 the mapping table (tombstones fill a
+    quarter of it)."""
     total = n
     expired_before = info[I_EXPIRED]
     ct_prefetch_ctrl(state, info, key, data, meta, n, hints, True)
@@ -801,8 +804,11 @@ def nat_kernel(data, free, top, headroom, meta, n, keys, vals, state, bucket, ex
             continue
         row[L.VERDICT] = (entry_ports(vals, e) >> 8) & 0xFF
         row[L.NOTE] = note
-    flags[0] = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
+    rebuild = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
     tbl_sweep(mstate, mexp, minfo, now, sweep)
+    if minfo[I_TOMBS] * 4 > mstate.shape[0]:
+        rebuild |= 2
+    flags[0] = rebuild
     return total
 
 
@@ -857,16 +863,23 @@ class Nat(Device):
                 f"{'to ' + str(sn.to) if sn else 'off'}, {len(self.config.dnat)} port "
                 f"forwards, {len(self.config.static)} static)")
 
-    def process(self, batch, state: NatState, now: float) -> None:
+    def _bind(self, state: NatState, rows: int) -> tuple[tuple, int]:
+        """nat_kernel's arguments that stay the same (:meth:`DeviceState.bound`)."""
         t, m = state.ct.table, state.maps
+        hints = state.scratch(rows, "hints")
+        return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, m.keys, m.vals,
+                m.state, m.bucket, m.expires, m.info, state.ct.key, state.key2, state.mkey,
+                state.tup, hints, self.pool, self.pool_h, self.static, self.dnat, self.cfg,
+                self.rules, self.timeouts, state.events, state.flags), len(hints)
+
+    def process(self, batch, state: NatState, now: float) -> None:
+        call, args = state.bound(self, nat_kernel, self._bind, batch.n)
         pool = batch.pool
-        batch.n = state.kernel_call(self, nat_kernel)(
-            pool.data, pool.free, pool.top, pool.headroom, batch.meta, batch.n, t.keys, t.vals, t.state, t.bucket,
-            t.expires, t.info, m.keys, m.vals, m.state, m.bucket, m.expires, m.info,
-            state.ct.key, state.key2, state.mkey, state.tup,
-            state.scratch(batch.n, "hints"), self.pool, self.pool_h, self.static,
-            self.dnat, self.cfg, self.rules, state.bucket_mask, self.timeouts,
-            state.events, state.flags, float(now), SWEEP_BATCH if batch.n else SWEEP_TICK)
-        state.ct.after_batch(state.flags[0], state.events, now)
-        if m.needs_rebuild():
-            m.rebuild(now)
+        batch.n = call.target(pool.data, pool.free, pool.top, pool.headroom, batch.meta,
+                              batch.n, state.bucket_mask, float(now),
+                              SWEEP_BATCH if batch.n else SWEEP_TICK, *args)
+        rebuild = state.flags[0]
+        if rebuild:
+            state.ct.after_batch(rebuild & 1, state.events, now)
+            if rebuild & 2:
+                state.maps.rebuild(now)
