@@ -188,11 +188,12 @@ def tbl_prefetch_found_ahead(state, expires, hs, i, n):
     does for every row, so that row ``i``'s candidate is ready and its record has
     been on its way while the ``AHEAD`` rows before it were decided.
 
-    Why not the whole batch before the loop: these machines keep only about ten
-    misses in flight per core, so a batch's records (a few hundred misses) then come
-    one wave after another while the core waits, and the decision loop's compute
-    comes on top (measured: 156 ns a row where the same work and reads pipelined
-    take 45). Spread out, the misses overlap the compute instead.
+    Why not the whole batch before the loop: a core here keeps few misses in
+    flight, so a batch's records (a few hundred misses) then come in waves while the
+    core waits, and the decision loop's compute comes on top (143 ns a row where the
+    same reads and work with the records prefetched ``AHEAD`` rows ahead take 45:
+    ``benchmarks/memory_floor.py``'s ``overlap_*``). Spread out, the misses overlap
+    the compute instead.
 
     A candidate found later in the batch than the first pass is as good: it is the
     key's slot, or the first free slot of its probe path, as the table stood then,
@@ -497,10 +498,10 @@ class HashTable:
         # (with a million flows every one of those is a miss): the first line holds
         # the expiry, the key and the first value words, all a packet of an
         # established flow reads in conntrack (UDP, ICMP); the bucket, read only when
-        # buckets move, comes last. The kernels get column views of it. The slots' control bytes are a dense array of
-        # their own (see the module's docstring). Nothing is written here: the zeroed
-        # pages stay unallocated until slots are used (a large idle table costs no
-        # memory).
+        # buckets move, comes last. The kernels get column views of it. The slots'
+        # control bytes are a dense array of their own (see the module's docstring).
+        # Nothing is written here: the zeroed pages stay unallocated until slots are
+        # used (a large idle table costs no memory).
         width = (2 + key_words + value_words + 7) // 8 * 8
         raw = np.zeros(cap * width + 8, np.int64)
         off = (-raw.ctypes.data // 8) % 8
