@@ -33,6 +33,13 @@ Measured, each as the median of ``--runs`` runs interleaved round-robin:
   as the chain, with one connection entry and one lookup per packet instead of two.
   Compare with ``fw_nat_est`` / ``fw_nat_reply``, measured in the same runs.
 
+* ``mem_pace`` -- the machine's memory pace during the same runs: the first lines
+  of random records of the filtering NAT's table (a 1 GiB array at 1M flows), read
+  in groups of 256 whose lines are prefetched first (as many misses in flight as the
+  core keeps): million lines per second. The 1M-flow figures follow it (it moved
+  from about 3 to 25 ns a line between days, ``memory_floor.py``); a figure quoted
+  without it cannot be compared with another day's.
+
 Frames are 64-byte UDP/IPv4 (checksum 0) from 10.x.y.z inside hosts to one server;
 before each pass a small kernel writes the flow's source address and port into the
 batch's frames (the devices rewrite them; counted in the figure). Every run checks
@@ -140,7 +147,7 @@ def e1_tuples(table, n: int, dst: int):
 def build(flows: int):
     import numpy as np
 
-    from dva._jit import inline_kernel, kernel
+    from dva._jit import inline_kernel, kernel, prefetch
     from dva.graph.appliance import parse_appliance
     from dva.graph.plan import compile_plan
     from dva.nf.conntrack import ct_make_key
@@ -365,6 +372,27 @@ attach:
             return nb * BATCH / (time.perf_counter() - t0)
         return step
 
+    @kernel
+    def read_lines(expires, slots):
+        """Read the first line of each record ``slots`` names, 256 at a time, each
+        group's lines prefetched first."""
+        tot = 0.0
+        for g in range(0, slots.shape[0], BATCH):
+            end = min(g + BATCH, slots.shape[0])
+            for i in range(g, end):
+                prefetch(expires, slots[i], 0)
+            for i in range(g, end):
+                tot += expires[slots[i]]
+        return tot
+
+    pace_slots = np.random.default_rng(7).integers(0, len(natfs.ct.table.state), 1 << 20)
+    read_lines(natfs.ct.table.expires, pace_slots[:BATCH])  # compiled
+
+    def mem_pace():
+        t0 = time.perf_counter()
+        read_lines(natfs.ct.table.expires, pace_slots)
+        return len(pace_slots) / (time.perf_counter() - t0)
+
     steps = {"ct_insert": ct_insert(False, False),
              "ct_insert_resident": ct_insert(False, True),
              "ct_insert_batched": ct_insert(True, True),
@@ -375,7 +403,8 @@ attach:
              "fw_nat_est": established([(fw, fws), (nat, nats)]),
              "fw_nat_reply": established([(nat, nats), (fw, fws)], reply=True),
              "natf_est": established([(natf, natfs)]),
-             "natf_reply": established([(natf, natfs)], reply=True)}
+             "natf_reply": established([(natf, natfs)], reply=True),
+             "mem_pace": mem_pace}
     del new_flow
     return steps, fill_s, len(fws.ct.table), len(nats.ct.table)
 
@@ -403,6 +432,7 @@ def main() -> None:
             rates[k].append(f())
     units = {k: "M inserts/s" for k in steps if k.startswith("ct_insert")}
     units.update({k: "M lookups/s" for k in steps if k.startswith("ct_lookup")})
+    units.update({k: "M lines/s" for k in steps if k == "mem_pace"})
     rows = {}
     print(f"{'what':20} {'median':>10} {'min':>8} {'max':>8}  unit")
     for k, v in rates.items():
