@@ -257,11 +257,12 @@ def icmp_error_xlat_from(data, row, keys, vals, e, quoted_t, tup):
 
 @inline_kernel
 def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot):
-    c = cands[j]
-    if c < 0 or not is_used(state[c]) or entry_kind(vals, c) != KIND_XLAT:
-        return
     row = meta[j]
     if in_port >= 0 and row[L.IN_PORT] != in_port:
+        return  # before the record: it may not have arrived yet (it was asked for
+        # AHEAD - AHEAD_E1 rows ago), and reading it would wait
+    c = cands[j]
+    if c < 0 or not is_used(state[c]) or entry_kind(vals, c) != KIND_XLAT:
         return
     sa, sp, da, dp = x_tuple(vals, c)  # an E2 keeps O
     ct_make_key(key2, row[L.TENANT], row[L.PROTO], sa, sp, da, dp)
