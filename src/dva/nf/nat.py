@@ -694,10 +694,11 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
     total = n
     expired_before = info[I_EXPIRED]
     ct_prefetch_ctrl(state, info, key, data, meta, n, hints, True)
-    # Rows from the inside find a translated tuple's entry (E2) only as replies of
-    # port forwards and static mappings, or hairpinned: without those, only rows
-    # from the outside are looked at for one (reading an inside row's candidate
-    # record early, to see, made the row wait for it: 5% of natf_est)
+    # Without port forwards and static mappings (whose inside hosts' replies find a
+    # translated tuple's entry, E2, from the inside), only rows from the outside
+    # find E2s (and hairpinned ones, which lose the hint): inside rows skip the
+    # check, which read their candidate's record before it had arrived (2 to 6% of
+    # natf_est, docs/benchmarks.md)
     e2_port = 1 if dnat.shape[0] == 0 and static.shape[0] == 0 else -1
     for i in range(n):
         tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
