@@ -80,7 +80,6 @@ from dva.nf.table import (
     I_EXPIRED,
     I_LIVE,
     I_MAX,
-    I_TOMBS,
     HashTable,
     is_used,
     tbl_begin_pass,
@@ -89,6 +88,7 @@ from dva.nf.table import (
     tbl_insert_at,
     tbl_lookup_at,
     tbl_lookup_inline,
+    tbl_needs_rebuild,
     tbl_prefetch_ctrl,
     tbl_sweep,
 )
@@ -744,7 +744,7 @@ def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
     tombstones fill a quarter of the table (time to rebuild it)."""
     tbl_sweep(state, expires, info, now, budget)
     events[ev0 + E_EXPIRED] += info[I_EXPIRED] - expired_before
-    return info[I_TOMBS] * 4 > state.shape[0]
+    return tbl_needs_rebuild(state, info)
 
 
 __all__ = [

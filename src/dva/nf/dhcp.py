@@ -169,7 +169,7 @@ from dva.nf.dhcp_wire import (
 )
 from dva.nf.router import RouterPort, derive_mac, parse_mac
 from dva.nf.router_arp import answer_arp
-from dva.nf.table import I_EXPIRED, I_TOMBS, HashTable, tbl_sweep
+from dva.nf.table import I_EXPIRED, HashTable, tbl_needs_rebuild, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.checksum import rd16, rd32, rd48
 from dva.packet.parse import parse_batch
@@ -570,7 +570,7 @@ def dhcp_kernel(data, meta, n, cfg, res, dns, domain, st, events, key, msg, cid,
     tbl_sweep(lstate, lexp, linfo, now, SWEEP_SLOTS)
     tbl_sweep(astate, aexp, ainfo, now, SWEEP_SLOTS)
     events[C_EXPIRED] += linfo[I_EXPIRED] - expired_before
-    return (linfo[I_TOMBS] * 4 > lstate.shape[0]) or (ainfo[I_TOMBS] * 4 > astate.shape[0])
+    return tbl_needs_rebuild(lstate, linfo) or tbl_needs_rebuild(astate, ainfo)
 
 
 # -- device ----------------------------------------------------------------------------

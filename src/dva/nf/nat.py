@@ -147,10 +147,10 @@ from dva.nf.table import (
     I_EXPIRED,
     I_LIVE,
     I_MAX,
-    I_TOMBS,
     HashTable,
     tbl_insert,
     tbl_lookup,
+    tbl_needs_rebuild,
     tbl_prefetch_found_ahead,
     tbl_sweep,
 )
@@ -812,7 +812,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
         row[L.NOTE] = note
     rebuild = ct_sweep(state, expires, info, events, 0, now, sweep, expired_before)
     tbl_sweep(mstate, mexp, minfo, now, sweep)
-    if minfo[I_TOMBS] * 4 > mstate.shape[0]:
+    if tbl_needs_rebuild(mstate, minfo):
         rebuild |= 2
     flags[0] = rebuild
     return total

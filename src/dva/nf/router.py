@@ -174,7 +174,7 @@ from dva.nf.router_defs import (
     P_ICMP_RATE,
 )
 from dva.nf.router_icmp import ICMP_TOS, QUOTE_MAX, _icmp_error
-from dva.nf.table import I_EXPIRED, I_TOMBS, HashTable, tbl_lookup, tbl_sweep
+from dva.nf.table import I_EXPIRED, HashTable, tbl_lookup, tbl_needs_rebuild, tbl_sweep
 from dva.packet import layout as L
 from dva.packet.checksum import (
     csum_add,
@@ -679,10 +679,9 @@ def router_kernel(data, free, top, meta, n, headroom, port_ip, port_mask, port_b
                       params[P_ARP_HOLD], st, events, key, now)
     tbl_sweep(astate, aexp, ainfo, now, SWEEP_SLOTS)
     events[C_ARP_EXPIRED] += ainfo[I_EXPIRED] - expired_before
-    # Tombstones in a quarter of the slots: tell process() to rebuild (HashTable's
-    # needs_rebuild, checked here because two Python calls per batch cost ~1 us).
-    misc[M_REBUILD] = (ainfo[I_TOMBS] * 4 > astate.shape[0]) \
-        or (pinfo[I_TOMBS] * 4 > pstate.shape[0])
+    # tables whose tombstones pile up: tell process() to rebuild them (checked here
+    # because two Python calls per batch cost ~1 us)
+    misc[M_REBUILD] = tbl_needs_rebuild(astate, ainfo) or tbl_needs_rebuild(pstate, pinfo)
     return total
 
 

@@ -345,6 +345,15 @@ def tbl_insert_at(keys, state, bucket, expires, info, key, bkt, exp, now, c):
     return tbl_insert_inline(keys, state, bucket, expires, info, key, bkt, exp, now)
 
 
+@inline_kernel
+def tbl_needs_rebuild(state, info):
+    """Tombstones fill a quarter of the slots: probes are getting long
+    (:meth:`HashTable.needs_rebuild`, for a kernel that tells its ``process`` to
+    call :meth:`HashTable.rebuild`: a Python check per table and batch costs about
+    0.5 us)."""
+    return info[I_TOMBS] * 4 > state.shape[0]
+
+
 @kernel
 def tbl_delete(state, info, slot):
     state[slot] = TOMB
@@ -572,7 +581,8 @@ class HashTable:
         return n
 
     def needs_rebuild(self) -> bool:
-        """Tombstones fill a quarter of the slots: probes are getting long."""
+        """Tombstones fill a quarter of the slots: probes are getting long (in a
+        kernel: :func:`tbl_needs_rebuild`)."""
         return int(self.info[I_TOMBS]) * 4 > self.capacity
 
     def rebuild(self, now: float) -> int:

@@ -21,11 +21,11 @@ from dva.nf.base import drop_code
 from dva.nf.router_arp import answer_arp, write_arp_request
 from dva.nf.table import (
     I_EXPIRED,
-    I_TOMBS,
     sorted_find,
     tbl_insert,
     tbl_lookup,
     tbl_lookup_inline,
+    tbl_needs_rebuild,
     tbl_sweep,
 )
 from dva.packet import layout as L
@@ -637,7 +637,7 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
                              events, now)
     tbl_sweep(mstate, mexp, minfo, now, 64)
     events[C_AGED] += minfo[I_EXPIRED] - aged_before
-    # Tombstones in a quarter of the slots: process() rebuilds (HashTable.needs_rebuild,
-    # tested here: two Python calls per batch cost about 2 us).
-    misc[M_REBUILD] = minfo[I_TOMBS] * 4 > mstate.shape[0] or ninfo[I_TOMBS] * 4 > nstate.shape[0]
+    # tables whose tombstones pile up: process() rebuilds them (tested here: two
+    # Python calls per batch cost about 2 us)
+    misc[M_REBUILD] = tbl_needs_rebuild(mstate, minfo) or tbl_needs_rebuild(nstate, ninfo)
     return total
