@@ -652,6 +652,14 @@ def ct_row_key(key, data, row):
                 rd32(pkt, l3 + 16), rd16(pkt, l4 + 2))
 
 
+@inline_kernel
+def ct_first_line(row, hot):
+    """A device that reads nothing but the first line of a UDP flow's entry (no
+    ``V_AUX``: ``hot``) reads only that line of this row's: the run-ahead fetches that
+    line alone (:data:`dva.nf.table.HOT_ONLY`)."""
+    return hot and row[L.PROTO] == L.PROTO_UDP
+
+
 @kernel
 def ct_prefetch_ctrl(state, info, key, data, meta, n, hs, hot):
     """The first pass of a batch's run-ahead: each TCP/UDP row's key hashed (into
@@ -676,7 +684,7 @@ def ct_prefetch_ctrl(state, info, key, data, meta, n, hs, hot):
         ct_row_key(key, data, row)
         h = tbl_hash(key)
         tbl_prefetch_ctrl(state, h)
-        hs[i] = h | HOT_ONLY if hot and row[L.PROTO] == L.PROTO_UDP else h
+        hs[i] = h | HOT_ONLY if ct_first_line(row, hot) else h
 
 
 @kernel
@@ -748,7 +756,7 @@ def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
 
 
 __all__ = [
-    "Conntrack", "ct_packet", "ct_classify", "ct_classify_at", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
+    "Conntrack", "ct_packet", "ct_classify", "ct_classify_at", "ct_first_line", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
     "ct_related_key", "ct_quoted", "timeouts_array", "CT_EVENTS", "DEFAULT_TIMEOUTS", "NEW",
     "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "REOPEN", "MAX_FLOWS_LIMIT",
     "TCP_NEXT", "TCP_STATE_NAMES",

@@ -28,7 +28,7 @@ field, they cost about 40 ns per packet each.
 from __future__ import annotations
 
 from dva._jit import i64, inline_kernel, kernel
-from dva.nf.conntrack import F_ORIG_A, V_FLAGS, V_USER, ct_make_key
+from dva.nf.conntrack import F_ORIG_A, V_FLAGS, V_USER, ct_first_line, ct_make_key
 from dva.nf.table import AHEAD, is_used, tbl_hash, tbl_lookup, tbl_prefetch, tbl_prefetch_hot
 from dva.packet import layout as L
 from dva.packet.checksum import (
@@ -267,7 +267,7 @@ def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot):
     sa, sp, da, dp = x_tuple(vals, c)  # an E2 keeps O
     ct_make_key(key2, row[L.TENANT], row[L.PROTO], sa, sp, da, dp)
     s = tbl_hash(key2) & (state.shape[0] - 1)
-    if hot and row[L.PROTO] == L.PROTO_UDP:
+    if ct_first_line(row, hot):
         tbl_prefetch_hot(state, expires, s)
     else:
         tbl_prefetch(state, expires, s)
@@ -287,8 +287,9 @@ def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands, ho
     A hint, not a lookup: a candidate that holds another key with the same control
     byte (one in 64) costs a useless prefetch. The rows' keys are not built and
     compared here: the decision loop's lookups start from the same candidates
-    (:func:`dva.nf.conntrack.ct_classify_at`). ``hot``: for a UDP row the device
-    reads only E1's first line (:func:`dva.nf.table.tbl_prefetch_hot`)."""
+    (:func:`dva.nf.conntrack.ct_classify_at`). ``hot``: for a row of
+    :func:`dva.nf.conntrack.ct_first_line` only E1's first line is fetched
+    (:func:`dva.nf.table.tbl_prefetch_hot`)."""
     if i == 0:
         for j in range(min(AHEAD_E1, n)):
             _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot)
