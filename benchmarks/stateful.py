@@ -1,9 +1,15 @@
 """Stateful path on one core, in memory: connection tracking, firewall, firewall + NAT.
 
     python benchmarks/stateful.py [--flows 1000000] [--runs 5] [--cpu 0] [--only a,b]
-                                  [--out benchmarks/results/stateful.json]
+                                  [--cold] [--out benchmarks/results/stateful.json]
 
-Measured, each as the median of ``--runs`` runs interleaved round-robin:
+Measured, each as the median of ``--runs`` runs interleaved round-robin. Each timed
+run follows an untimed run of the same step: the step before it was another one,
+which left the shared cache full of its own lines (``mem_pace`` and ``fw_nat_est``
+sweep it whole), and a step of 1M flows takes a large part of a run to bring its
+tables' control bytes (8 MiB for the NAT) back; a worker that keeps running the
+same chain keeps them cached. ``--cold`` times every run straight after the other
+steps' (about 5% less for ``natf_est``, docs/benchmarks.md).
 
 * ``ct_insert`` / ``ct_lookup`` -- the conntrack table alone (key build + insert, or
   key build + lookup of a random live flow), ``--flows`` UDP flows, one operation
@@ -416,6 +422,8 @@ def main() -> None:
     ap.add_argument("--cpu", type=int, default=0, help="pin to this CPU (-1: do not)")
     ap.add_argument("--only", default="", help="comma-separated step names")
     ap.add_argument("--out", default=str(HERE / "results" / "stateful.json"))
+    ap.add_argument("--cold", action="store_true",
+                    help="no untimed run of a step before each timed one")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     if a.cpu >= 0:
@@ -429,6 +437,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(a.runs):
         for k, f in steps.items():
+            if not a.cold:
+                f()  # untimed: the step's own lines back in the caches (module doc)
             rates[k].append(f())
     units = {k: "M inserts/s" for k in steps if k.startswith("ct_insert")}
     units.update({k: "M lookups/s" for k in steps if k.startswith("ct_lookup")})
