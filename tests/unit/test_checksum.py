@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scapy.layers.inet  # noqa: F401  (layer bindings)
 import scapy.layers.inet6  # noqa: F401
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP as SICMP
 from scapy.layers.inet import IP as SIP
@@ -25,6 +25,9 @@ from dva.packet import layout as L
 from dva.packet.build import TCP, UDP, Eth, IPv4, Raw
 from dva.packet.checksum import (
     csum_add,
+    csum_apply,
+    csum_delta16,
+    csum_delta32,
     csum_fold,
     csum_update16,
     csum_update32,
@@ -382,6 +385,49 @@ def test_csum_update_udp_over_ipv4_rewrite(src, dst, new, sport, dport, data):
     full = l4_checksum(a, 14, 34, l4len, L.PROTO_UDP, False, 6)
     assert full != 0
     assert c == full or (c == 0 and full == 0xFFFF)
+
+
+@given(csum=port, words=st.lists(st.tuples(port, port), max_size=14))
+@example(csum=0, words=[(0, 0xFFFF), (0xFFFF, 2)])  # the first fold carries again
+@SETTINGS
+def test_csum_apply_folds_any_sum(csum, words):
+    """Any number of words' deltas at once: the one's-complement sum folded until
+    it fits (written out here as a loop)."""
+    acc = ((~csum) & 0xFFFF) + sum(((~o) & 0xFFFF) + n for o, n in words)
+    while acc > 0xFFFF:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    delta = sum(csum_delta16(o, n) for o, n in words)
+    assert csum_apply(csum, delta) == (~acc) & 0xFFFF
+
+
+@given(tcp=st.booleans(), src=ipv4_addr, dst=ipv4_addr, sport=port, dport=port,
+       new=st.tuples(st.integers(0, 2**32 - 1), port, st.integers(0, 2**32 - 1), port),
+       keep=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+       data=payload)
+@settings(max_examples=300, deadline=None)
+def test_csum_apply_whole_tuple_rewrite(tcp, src, dst, sport, dport, new, keep, data):
+    """Both addresses and both ports rewritten (any of them kept), each checksum
+    updated once by the sum of the fields' deltas: the recomputed checksums (UDP:
+    but for a zero sum, as above)."""
+    l4h = TCP(sport=sport, dport=dport) if tcp else UDP(sport=sport, dport=dport)
+    frame = bytes(Eth() / IPv4(src=src, dst=dst) / l4h / data)
+    a = arr(frame)
+    l4len = len(frame) - 34
+    coff = 34 + (16 if tcp else 6)
+    old = (rd32(a, 26), rd16(a, 34), rd32(a, 30), rd16(a, 36))
+    to = tuple(o if k else n for o, n, k in zip(old, new, keep))
+    ip = csum_delta32(old[0], to[0]) + csum_delta32(old[2], to[2])
+    l4 = ip + csum_delta16(old[1], to[1]) + csum_delta16(old[3], to[3])
+    ip_c = csum_apply(rd16(a, 24), ip)
+    l4_c = csum_apply(rd16(a, coff), l4)
+    wr32(a, 26, to[0])
+    wr16(a, 34, to[1])
+    wr32(a, 30, to[2])
+    wr16(a, 36, to[3])
+    assert ip_c == ipv4_header_checksum(a, 14)
+    full = l4_checksum(a, 14, 34, l4len, L.PROTO_TCP if tcp else L.PROTO_UDP, False,
+                       coff - 34)
+    assert l4_c == full or (not tcp and l4_c == 0 and full == 0xFFFF)
 
 
 def test_csum_update_udp_reaching_zero_needs_the_udp_rule():

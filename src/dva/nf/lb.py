@@ -495,7 +495,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
         vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
         set_meta(vals, e2, KIND_XLAT, entry_ports(vals, e1))
         set_x(vals, e2, sa, sp, da, dp)  # E2's key is T
-    translate(pkt, l3, l4, end, proto, keys, vals, e1, True, tup)
+    translate(pkt, l3, l4, end, proto, keys, vals, e1, True)
     events[C_BALANCED] += 1
     events[C_BACKENDS + 2 * b] += 1
     events[C_BACKENDS + 2 * b + 1] += 1
@@ -642,7 +642,7 @@ def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expire
                                k, ep_first, ep_rows, backends, vips, -1, now, -1)
                 if e >= 0:
                     row[L.VERDICT] = icmp_error_xlat_from(data, row, keys, vals, e,
-                                                          True, tup)
+                                                          True)
                     row[L.NOTE] = N_ICMP
                     events[E_RELATED] += 1
                     events[C_ICMP_XLATE] += 1
@@ -653,7 +653,7 @@ def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expire
             r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row,
                                      events, 0, now, hint)
         if r == RELATED:
-            row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e, tup)
+            row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
             continue
@@ -677,7 +677,7 @@ def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expire
             # a reply from the backend (found by E2, or in dnat through E1): back to
             # the original tuple, then the connection's own entry (E1) judges it
             e2 = e
-            translate(pkt, l3, l4, end, proto, keys, vals, e2, False, tup)
+            translate(pkt, l3, l4, end, proto, keys, vals, e2, False)
             ports = entry_ports(vals, e2)
             r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row,
                                      events, 0, now, e2)
@@ -712,7 +712,7 @@ def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expire
                 if d == 1:  # a reply that was not translated back
                     row[L.VERDICT] = drop_code(D_INVALID)
                     continue
-                translate(pkt, l3, l4, end, proto, keys, vals, e, True, tup)
+                translate(pkt, l3, l4, end, proto, keys, vals, e, True)
                 if (entry_ports(vals, e) & P_ALONE) == 0:
                     exp = refresh_due(vals, expires, e, now)
                     if exp > 0.0:

@@ -644,7 +644,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     # E1's refresh time is 0 (due): the mapping gets the connection's lifetime now
     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey, e1,
              zone, proto, now)
-    translate(pkt, l3, l4, end, proto, keys, vals, e1, True, tup)
+    translate(pkt, l3, l4, end, proto, keys, vals, e1, True)
     if note == N_SNAT:
         events[C_SNAT] += 1
     elif note == N_DNAT:
@@ -726,7 +726,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
         r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row, events,
                                  0, now, hints[i])
         if r == RELATED:
-            row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e, tup)
+            row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
             continue
@@ -754,7 +754,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
             # a packet of the translated tuple: back to the original one, then the
             # connection's own entry (E1) judges it
             e2 = e
-            translate(pkt, l3, l4, end, proto, keys, vals, e2, False, tup)
+            translate(pkt, l3, l4, end, proto, keys, vals, e2, False)
             ports = entry_ports(vals, e2)
             r, e, d = ct_classify(keys, state, vals, expires, info, key, data, row, events,
                                   0, now)
@@ -787,7 +787,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
                     if d == 1:
                         row[L.VERDICT] = drop_code(D_INVALID)  # a reply not to the mapping
                         continue
-                    translate(pkt, l3, l4, end, proto, keys, vals, e, True, tup)
+                    translate(pkt, l3, l4, end, proto, keys, vals, e, True)
                     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo,
                              key2, mkey, e, zone, proto, now)
                     row[L.NOTE] = N_FWD

@@ -147,14 +147,37 @@ def l4_checksum(pkt, l3, l4, l4len, proto, is_v6, csum_off):
 
 
 @inline_kernel
-def csum_update16(csum, old, new):
-    """RFC 1624 eqn. 3: the checksum after one 16-bit word changed from old to new."""
-    acc = ((~csum) & 0xFFFF) + ((~old) & 0xFFFF) + (new & 0xFFFF)
-    # at most 3 * 0xFFFF: two folds always suffice (no loop: it is inlined, into the
-    # NAT's rewrite ten times, which called it out of line before)
+def csum_delta16(old, new):
+    """What a checksum's sum gains when a 16-bit word goes from ``old`` to ``new``
+    (RFC 1624 eqn. 3: ~m + m'), unfolded: the deltas of several words add up, and
+    :func:`csum_apply` applies their sum at once."""
+    return ((~old) & 0xFFFF) + (new & 0xFFFF)
+
+
+@inline_kernel
+def csum_delta32(old, new):
+    """:func:`csum_delta16` of a 32-bit field (an IPv4 address): both its words."""
+    return csum_delta16((old >> 16) & 0xFFFF, (new >> 16) & 0xFFFF) \
+        + csum_delta16(old & 0xFFFF, new & 0xFFFF)
+
+
+@inline_kernel
+def csum_apply(csum, delta):
+    """The checksum ``csum`` after words changed by ``delta``, a sum of
+    :func:`csum_delta16` terms (fewer than 2**15): one read-modify-write of a
+    checksum for all the fields a rewrite changes. Equal to recomputing it, as eqn. 3
+    for one word is, whenever ``csum`` was right."""
+    acc = ((~csum) & 0xFFFF) + delta
+    # below 2**32: two folds always suffice (no loop: it is inlined)
     acc = (acc & 0xFFFF) + (acc >> 16)
     acc = (acc & 0xFFFF) + (acc >> 16)
     return (~acc) & 0xFFFF
+
+
+@inline_kernel
+def csum_update16(csum, old, new):
+    """RFC 1624 eqn. 3: the checksum after one 16-bit word changed from old to new."""
+    return csum_apply(csum, csum_delta16(old, new))
 
 
 @inline_kernel
