@@ -13,7 +13,18 @@ from scapy.layers.inet import TCP as STCP
 from scapy.layers.inet import UDP as SUDP
 from scapy.layers.l2 import Ether
 
-from dva.nf.xlat import packet_tuple, put_tuple
+from dva.nf.conntrack import F_ORIG_A, V_FLAGS, Conntrack, ct_make_key
+from dva.nf.table import tbl_insert
+from dva.nf.xlat import (
+    KIND_ORIG,
+    NUSER,
+    packet_tuple,
+    put_tuple,
+    set_meta,
+    set_x,
+    translate,
+    translate_first,
+)
 from dva.packet.build import ICMP, TCP, UDP, Eth, IPv4, Raw
 
 addr = st.integers(0, 2**32 - 1)
@@ -87,3 +98,40 @@ def test_put_tuple_other_protocols_get_their_addresses_alone():
     assert got[SIP].src == "10.9.9.9" and got[SIP].dst == "10.0.0.2"
     assert got[SIP].chksum == want[SIP].chksum
     assert a[34:].tobytes() == bytes(range(16))
+
+
+@given(kind=st.sampled_from(["tcp", "udp", "icmp", "gre"]),
+       o=st.tuples(addr, port, addr, port), t=st.tuples(addr, port, addr, port),
+       to_itself=st.booleans(), data=st.binary(max_size=16))
+@settings(max_examples=200, deadline=None)
+def test_translate_first_is_translate_from_the_new_entry(kind, o, t, to_itself, data):
+    """A new connection's first packet, rewritten from the tuples its creator knows,
+    comes out as :func:`translate` makes it from the entry (E1: key O, T kept),
+    also for an endpoint sending to itself (both ends get T's source there)."""
+    if to_itself:
+        o = (o[0], o[1], o[0], o[1])
+    proto = {"tcp": 6, "udp": 17, "icmp": 1, "gre": 47}[kind]
+    if kind == "gre":
+        frame = bytes(Eth() / IPv4(_ip(o[0]), _ip(o[2]), proto=47) / Raw(data))
+    else:
+        frame = _frame(kind, o[0], o[2], o[1], o[3], data)
+    a = np.frombuffer(frame, np.uint8).copy()
+    end = len(frame)
+    sa, sp, da, dp = packet_tuple(a, 14, 34, end, proto)  # what a device reads: O
+    nsa, nsp, nda, ndp = t
+    if kind == "icmp":
+        ndp = nsp  # an echo's identifier is one value, both ways (the NAT's rule)
+    if kind == "gre":
+        nsp = ndp = 0
+    ct = Conntrack(16, user_words=NUSER)
+    tb = ct.table
+    key = np.zeros(3, np.int64)
+    a_is_src = ct_make_key(key, 0, proto, sa, sp, da, dp)
+    e = tbl_insert(tb.keys, tb.state, tb.bucket, tb.expires, tb.info, key, 0, 10.0, 0.0)
+    tb.vals[e, V_FLAGS] = F_ORIG_A if a_is_src else 0
+    set_meta(tb.vals, e, KIND_ORIG, 1 << 8)
+    set_x(tb.vals, e, nsa, nsp, nda, ndp)
+    b = a.copy()
+    translate(a, 14, 34, end, proto, tb.keys, tb.vals, e, True)
+    translate_first(b, 14, 34, end, proto, sa, sp, da, dp, nsa, nsp, nda, ndp)
+    assert a.tobytes() == b.tobytes()

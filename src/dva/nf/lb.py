@@ -161,6 +161,7 @@ from dva.nf.xlat import (
     set_x,
     touch_e2,
     translate,
+    translate_first,
     x_tuple,
 )
 from dva.packet import layout as L
@@ -495,7 +496,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
         vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
         set_meta(vals, e2, KIND_XLAT, entry_ports(vals, e1))
         set_x(vals, e2, sa, sp, da, dp)  # E2's key is T
-    translate(pkt, l3, l4, end, proto, keys, vals, e1, True)
+    translate_first(pkt, l3, l4, end, proto, sa, sp, da, dp, nsa, nsp, nda, ndp)
     events[C_BALANCED] += 1
     events[C_BACKENDS + 2 * b] += 1
     events[C_BACKENDS + 2 * b + 1] += 1

@@ -170,6 +170,7 @@ from dva.nf.xlat import (
     set_x,
     touch_e2,
     translate,
+    translate_first,
 )
 from dva.packet import layout as L
 from dva.packet.checksum import (
@@ -644,7 +645,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     # E1's refresh time is 0 (due): the mapping gets the connection's lifetime now
     _refresh(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, mkey, e1,
              zone, proto, now)
-    translate(pkt, l3, l4, end, proto, keys, vals, e1, True)
+    translate_first(pkt, l3, l4, end, proto, sa, sp, da, dp, nsa, nsp, nda, ndp)
     if note == N_SNAT:
         events[C_SNAT] += 1
     elif note == N_DNAT:
