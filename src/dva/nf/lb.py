@@ -103,6 +103,7 @@ from dva.nf.base import (
     two_ports,
 )
 from dva.nf.conntrack import (
+    BASE_WORDS,
     CT_EVENTS,
     E_RELATED,
     ESTABLISHED,
@@ -491,7 +492,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
         if e2 < 0:
             ct_delete(state, info, e1)
             return -1 - D_TABLE_FULL
-        for w in range(vals.shape[1]):
+        for w in range(BASE_WORDS):  # E1's values to E2 (unrolled)
             vals[e2, w] = vals[e1, w]
         vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
         set_meta(vals, e2, KIND_XLAT, entry_ports(vals, e1))

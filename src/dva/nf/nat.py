@@ -104,6 +104,7 @@ from dva.nf.base import (
     two_ports,
 )
 from dva.nf.conntrack import (
+    BASE_WORDS,
     CT_EVENTS,
     ESTABLISHED,
     F_ORIG_A,
@@ -636,7 +637,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     if e2 < 0:
         ct_delete(state, info, e1)
         return -1 - D_TABLE_FULL, 0
-    for w in range(vals.shape[1]):
+    for w in range(BASE_WORDS):  # E1's values to E2 (unrolled)
         vals[e2, w] = vals[e1, w]
     vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
     set_meta(vals, e2, KIND_XLAT, inp | (outp << 8))
