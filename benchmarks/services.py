@@ -254,8 +254,10 @@ def _reply_fill():
 
     @kernel
     def fill(data, slots, starts, ids, k0, ends):
+        j = k0 % ids.shape[0]  # a division a batch (stateful.udp_flow_fill)
         for i in range(slots.shape[0]):
-            f = ids[(k0 + i) % ids.shape[0]]
+            f = ids[j]
+            j = j + 1 if j + 1 < ids.shape[0] else 0
             put(data[slots[i]], starts[i], ends[f, 0], ends[f, 1], ends[f, 2], ends[f, 3])
     return fill
 
