@@ -127,8 +127,8 @@ def put_tuple(pkt, l3, l4, end, proto, sa, sp, da, dp):
     (``sa``, ``sp``, ``da``, ``dp``), with every checksum it covers: each updated
     once for all the fields that changed (RFC 1624 eqn. 3 over their words; a
     one's-complement sum does not care in which order the words change), where a
-    field at a time made a chain of dependent updates of each checksum (about 4 ns
-    of a new lb connection's 11 for its rewrite, docs/benchmarks.md). An ICMP
+    field at a time made a chain of dependent updates of each checksum (3 ns of a
+    new lb connection's 11 for its rewrite, docs/benchmarks.md). An ICMP
     message has one identifier for both ends: it becomes ``dp``. A protocol other
     than TCP, UDP and ICMP: the addresses alone."""
     ip = 0
@@ -240,7 +240,7 @@ def translate(pkt, l3, l4, end, proto, keys, vals, e, to_t):
 def translate_first(pkt, l3, l4, end, proto, o_sa, o_sp, o_da, o_dp, sa, sp, da, dp):
     """:func:`translate` of a new connection's first packet, whose tuple is O = (o_sa,
     o_sp, o_da, o_dp), into T = (sa, sp, da, dp), both known to the caller: the same
-    rewrite without reading the entry just made back (3 ns of a new lb connection,
+    rewrite without reading the entry just made back (2 ns of a new lb connection,
     docs/benchmarks.md). An endpoint sending to itself maps both ends to T's source,
     as :func:`translate`'s endpoint matching does."""
     xd = da
