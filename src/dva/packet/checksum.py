@@ -183,5 +183,4 @@ def csum_update16(csum, old, new):
 @inline_kernel
 def csum_update32(csum, old, new):
     """The checksum after one 32-bit field (an IPv4 address) changed."""
-    c = csum_update16(csum, (old >> 16) & 0xFFFF, (new >> 16) & 0xFFFF)
-    return csum_update16(c, old & 0xFFFF, new & 0xFFFF)
+    return csum_apply(csum, csum_delta32(old, new))
