@@ -132,46 +132,47 @@ def put_tuple(pkt, l3, l4, end, proto, sa, sp, da, dp):
     message has one identifier for both ends: it becomes ``dp``. A protocol other
     than TCP, UDP and ICMP: the addresses alone."""
     ip = 0
-    moved = False
+    ip_moved = False
     old = rd32(pkt, l3 + 12)
     if old != sa:
         wr32(pkt, l3 + 12, sa)
         ip += csum_delta32(old, sa)
-        moved = True
+        ip_moved = True
     old = rd32(pkt, l3 + 16)
     if old != da:
         wr32(pkt, l3 + 16, da)
         ip += csum_delta32(old, da)
-        moved = True
-    if moved:
+        ip_moved = True
+    if ip_moved:
         wr16(pkt, l3 + 10, csum_apply(rd16(pkt, l3 + 10), ip))
     if proto == L.PROTO_TCP or proto == L.PROTO_UDP:
         d = ip  # the pseudo-header's addresses
+        l4_moved = ip_moved
         if l4 + 2 <= end:
             old = rd16(pkt, l4)
             if old != sp:
                 wr16(pkt, l4, sp)
                 d += csum_delta16(old, sp)
-                moved = True
+                l4_moved = True
         if l4 + 4 <= end:
             old = rd16(pkt, l4 + 2)
             if old != dp:
                 wr16(pkt, l4 + 2, dp)
                 d += csum_delta16(old, dp)
-                moved = True
+                l4_moved = True
     elif proto == L.PROTO_ICMP:
         d = 0  # no pseudo-header
-        moved = False
+        l4_moved = False
         if l4 + 6 <= end:
             old = rd16(pkt, l4 + 4)
             if old != dp:
                 wr16(pkt, l4 + 4, dp)
                 d = csum_delta16(old, dp)
-                moved = True
+                l4_moved = True
     else:
         return
     c = l4 + l4_csum_off(proto)
-    if not moved or c + 2 > end:
+    if not l4_moved or c + 2 > end:
         return
     cs = rd16(pkt, c)
     if proto == L.PROTO_UDP and cs == 0:
