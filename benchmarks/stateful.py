@@ -135,7 +135,7 @@ def e1_tuples(table, n: int, dst: int):
     import numpy as np
 
     from dva._jit import kernel
-    from dva.nf.conntrack import ct_make_key
+    from dva.nf.conntrack import KEY_WORDS, ct_make_key
     from dva.nf.table import tbl_lookup
     from dva.nf.xlat import conn_tuples
 
@@ -150,7 +150,7 @@ def e1_tuples(table, n: int, dst: int):
 
     out = np.zeros((n, 8), np.int64)
     read(table.keys, table.state, table.vals, table.expires, table.info,
-         np.zeros(3, np.int64), dst, out)
+         np.zeros(KEY_WORDS, np.int64), dst, out)
     return out
 
 

@@ -244,6 +244,43 @@ def test_export_import_by_bucket_is_lossless():
     assert c.out("PA", b"after the move", now=2.5)
 
 
+def test_a_new_udp_connection_writes_only_its_records_first_line():
+    """A UDP flow's entry is its record's first line (expiry, key, bucket, flags and
+    aux, the device's words: the run-ahead fetches that line alone); the second,
+    TCP's state and windows, keeps what the slot held. A TCP connection writes both.
+    The key holds the largest zone, the entry the allowing rule (aux)."""
+    from dva.nf.conntrack import S_SYN_SENT, V_SCALE, V_STATE, ZONE_LIMIT
+    from dva.packet import layout as L
+    from dva.worker.engine import Engine
+
+    rig = Rig(appliance("[{action: deny, proto: tcp, dport: 22}, "
+                        "{action: allow, from: inside}]"))
+    rig.engine.tenant_id = ZONE_LIMIT - 1
+    t = rig.state.ct.table
+    junk = 0x0123456789ABCDEF
+    t.records[:] = junk  # what slots held before (all are free)
+    udp = bytes(Eth(src=IN_MAC, dst=OUT_MAC) / IPv4(src="10.0.0.7", dst="192.0.2.53")
+                / UDP(sport=40000, dport=53))
+    syn = seg("10.0.0.5", 40001, "192.0.2.9", 80, "S", seq=7)
+    assert len(rig.send("inside", [udp, syn], 1.0)["outside"]) == 2
+    got = {c["proto"]: c for c in conns(rig, 1.0)}
+    assert {k: got[17][k] for k in ("zone", "src", "sport", "dst", "dport", "aux", "state")} \
+        == {"zone": ZONE_LIMIT - 1, "src": 0x0A000007, "sport": 40000, "dst": 0xC0000235,
+            "dport": 53, "aux": 2, "state": "UNREPLIED"}
+    assert got[6]["zone"] == ZONE_LIMIT - 1 and got[6]["state"] == "SYN_SENT"
+    (su,) = [s for s in t.live(1.0) if (t.keys[s, 1] >> 32) & 0xFF == 17]
+    (st,) = [s for s in t.live(1.0) if (t.keys[s, 1] >> 32) & 0xFF == 6]
+    assert (t.records[su, 8:] == junk).all() and (t.records[su, :8] != junk).all()
+    assert t.vals[st, V_STATE] == S_SYN_SENT and t.vals[st, V_SCALE] != junk
+    # the reply finds the entry and makes it REPLIED, whatever its second line holds
+    reply = bytes(Eth(src=OUT_MAC, dst=IN_MAC) / IPv4(src="192.0.2.53", dst="10.0.0.7")
+                  / UDP(sport=53, dport=40000))
+    assert rig.send("outside", [reply], 1.5)["inside"] == [reply]
+    assert {c["proto"]: c["state"] for c in conns(rig, 1.5)}[17] == "REPLIED"
+    with pytest.raises(ValueError, match="tenant id"):
+        Engine(rig.plan, rig.pool, tenant_id=L.TENANT_LIMIT)
+
+
 def _bucket_of(rig: Rig, sport: int) -> int:
     for e in rig.state.ct.connections(2.0):
         if e["sport"] == sport and e["proto"] == 6:
@@ -254,7 +291,7 @@ def _bucket_of(rig: Rig, sport: int) -> int:
 def _next_seq(rig: Rig, sport: int) -> tuple[int, int]:
     from dva.nf.conntrack import V_END, window_word
     for key, val, _, _ in rig.state.ct.table.entries(2.0):
-        if key[2] & 0xFFFF == sport or (key[2] >> 16) == sport:
+        if key[1] & 0xFFFF == sport or (key[1] >> 16) & 0xFFFF == sport:
             return window_word(val[V_END], 0), window_word(val[V_END], 1) - 1
     raise AssertionError("connection not found")
 

@@ -403,15 +403,16 @@ def test_connection_records_stay_within_their_cache_lines():
     assert lines(LbState(lb).ct.table) == 2
 
 
-def test_an_established_udp_flow_reads_only_its_records_first_line():
+def test_a_udp_flow_reads_and_creates_only_its_records_first_line():
     """The run-ahead fetches only the first line of a UDP row's entry
-    (``table.HOT_ONLY``) for the firewall and the NAT: the words their per-packet
-    path reads there (expiry, key, conntrack's flags, the device's words: the NAT's
+    (``table.HOT_ONLY``), present or new, for the firewall, the NAT and the lb: the
+    words their per-packet path reads there and a new entry writes (expiry, key,
+    bucket, conntrack's flags with the device's aux, the device's words: the NAT's
     other tuple and its kind, ports and refresh time) must all lie in it, and TCP's
-    state and windows, the aux word and the bucket outside it."""
+    state and windows outside it."""
     from dva.nf.conntrack import (
         DEVICE_WORDS,
-        V_AUX,
+        FIRST_WORDS,
         V_END,
         V_FLAGS,
         V_MAXEND,
@@ -431,12 +432,12 @@ def test_an_established_udp_flow_reads_only_its_records_first_line():
         return (view.ctypes.data - base) // 8
 
     first = {word(t.expires), *(word(t.keys, k) for k in range(t.key_words)),
-             word(t.vals, V_FLAGS), *(word(t.vals, V_USER + k) for k in range(DEVICE_WORDS)),
+             word(t.bucket), word(t.vals, V_FLAGS),
+             *(word(t.vals, V_USER + k) for k in range(DEVICE_WORDS)),
              word(t.vals, U_X), word(t.vals, U_X + 1), word(t.vals, U_META)}
-    second = {word(t.vals, v) for v in (V_STATE, V_AUX, V_END, V_MAXEND, V_MAXWIN, V_SCALE)}
-    second.add(word(t.bucket))
+    second = {word(t.vals, v) for v in (V_STATE, V_END, V_MAXEND, V_MAXWIN, V_SCALE)}
     assert max(first) < 8 and min(second) >= 8 and len(first) == 8
-    assert NUSER == DEVICE_WORDS
+    assert FIRST_WORDS == V_USER + DEVICE_WORDS and NUSER == DEVICE_WORDS
     with pytest.raises(ValueError, match="3 words"):
         Conntrack(16, user_words=DEVICE_WORDS + 1)
 

@@ -125,7 +125,7 @@ def test_translate_first_is_translate_from_the_new_entry(kind, o, t, to_itself, 
         nsp = ndp = 0
     ct = Conntrack(16, user_words=NUSER)
     tb = ct.table
-    key = np.zeros(3, np.int64)
+    key = ct.key
     a_is_src = ct_make_key(key, 0, proto, sa, sp, da, dp)
     e = tbl_insert(tb.keys, tb.state, tb.bucket, tb.expires, tb.info, key, 0, 10.0, 0.0)
     tb.vals[e, V_FLAGS] = F_ORIG_A if a_is_src else 0

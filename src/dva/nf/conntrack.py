@@ -4,7 +4,8 @@ Not a device: a table and the kernels that classify a packet against it. Each st
 device owns one :class:`Conntrack` (in its state object, as flow state: exported and
 imported by flow bucket when buckets move between workers).
 
-**Key** (3 words, IPv4): zone (the tenant) and protocol, then the two endpoints in a
+**Key** (2 words, IPv4): the two endpoints' addresses, then the zone (the tenant, 23
+bits: :data:`ZONE_LIMIT`), the protocol and the two ports, the endpoints in a
 canonical order (endpoint A is the smaller ``address << 16 | port``), so both
 directions of a connection find the same entry with one lookup. Ports are the TCP/UDP
 ports, for ICMP echo the identifier on both sides, 0 for other protocols. The entry
@@ -54,16 +55,18 @@ among ``EARLY_DROP_SCAN`` slots from the new key's hash position ("early drop",
 counted). When there is none, the connection is refused (counted); assured entries
 are never evicted.
 
-**Values** of an entry (int64 words): ``V_FLAGS`` (``F_*``), ``DEVICE_WORDS`` (3)
-words for the owning device (``V_USER``...: the NAT's translation), ``V_STATE`` (TCP
-state; UDP/ICMP/other: 0), ``V_AUX`` (one more word for the device, e.g. the
-firewall rule that allowed it), per direction d (0: original, 1: reply) the window
-tracking ``V_END``, ``V_MAXEND``, ``V_MAXWIN`` (32-bit values, direction ``d``'s in
-the word's half ``d``), and the window scale in byte ``d`` of ``V_SCALE``. The
-flags and the device words share the record's first cache line with the expiry and
-the key: a packet of an established UDP or ICMP flow reads nothing else (unless its
-device reads ``V_AUX``), and the run-ahead fetches that line alone
-(:func:`ct_prefetch_ctrl`); a TCP segment reads the second line too.
+**Values** of an entry (int64 words): ``V_FLAGS`` (``F_*`` in its low byte, above
+them the device's *aux* number, e.g. the firewall rule that allowed the connection,
+the lb's backend: :func:`ct_aux`), ``DEVICE_WORDS`` (3) words for the owning device
+(``V_USER``...: the NAT's translation); then TCP's alone: ``V_STATE`` (the TCP
+state), per direction d (0: original, 1: reply) the window tracking ``V_END``,
+``V_MAXEND``, ``V_MAXWIN`` (32-bit values, direction ``d``'s in the word's half
+``d``), and the window scale in byte ``d`` of ``V_SCALE``. The flags and the
+device words (``FIRST_WORDS``) share the record's first cache line with the expiry,
+the key and the bucket: a packet of a UDP or ICMP flow reads nothing else, and the
+entry of a new one writes nothing else (its words past them hold whatever the slot
+held before and are never read), so the run-ahead fetches that line alone
+(:func:`ct_prefetch_ctrl`); a TCP segment reads and writes the second line too.
 
 Counters (``CT_EVENTS``, in the device's counter array from ``ev0`` on): flows
 created, early drops, refusals (table full), invalid packets, related packets,
@@ -97,7 +100,8 @@ from dva.packet.checksum import rd16, rd32
 from dva.packet.parse import l4_ports
 
 M32 = 0xFFFFFFFF
-KEY_WORDS = 3
+KEY_WORDS = 2
+ZONE_LIMIT = L.TENANT_LIMIT  # zones (tenant ids) a key holds: 0 .. ZONE_LIMIT - 1
 EARLY_DROP_SCAN = 64
 SWEEP_BATCH = 64  # slots checked per batch
 SWEEP_TICK = 4096  # slots checked per tick (an empty batch)
@@ -162,19 +166,21 @@ _TIMEOUT_INDEX = {
 }
 
 # value words
-# What a packet of an established UDP or ICMP flow reads comes first: with the
-# table's expiry and 3 key words, the flags and the device's words fill the record's
-# first cache line (dva.nf.table.HOT_ONLY); TCP's state and windows, and the device's
-# aux word, are in the second.
-V_FLAGS = 0
+# What a packet of a UDP or ICMP flow reads, and the entry of a new one writes, comes
+# first: with the table's expiry, 2 key words and the bucket, the flags (and aux) and
+# the device's words fill the record's first cache line (dva.nf.table.HOT_ONLY);
+# TCP's state and windows are in the second.
+V_FLAGS = 0  # F_* below AUX_SHIFT, the device's aux number above (ct_aux)
+AUX_SHIFT = 8
 V_USER = 1  # DEVICE_WORDS words for the device (the NAT's translation)
 DEVICE_WORDS = 3
-V_STATE, V_AUX = 4, 5
+FIRST_WORDS = V_USER + DEVICE_WORDS  # the value words in the first line
+V_STATE = 4
 # window tracking, one word each for both directions: direction d's 32-bit value in
 # bits 32d .. 32d + 31 (:func:`window_word`)
-V_END, V_MAXEND, V_MAXWIN = 6, 7, 8
-V_SCALE = 9  # both directions' window scales: direction d in bits 8d .. 8d + 7
-BASE_WORDS = 10  # with the table's expiry, key and bucket: 15 words, 2 lines
+V_END, V_MAXEND, V_MAXWIN = 5, 6, 7
+V_SCALE = 8  # both directions' window scales: direction d in bits 8d .. 8d + 7
+BASE_WORDS = 9  # with the table's expiry, key and bucket: 13 words, 2 lines
 # flags
 F_ORIG_A = 1  # endpoint A opened the connection
 F_REPLIED = 2  # a packet was seen in the reply direction
@@ -245,18 +251,19 @@ class Conntrack:
         """Every live entry, decoded (for tests, traces and status views)."""
         out = []
         for key, val, bucket, exp in self.table.entries(now):
-            k0, k1, k2 = key
-            a, b = (k1 >> 32) & M32, k1 & M32
-            pa, pb = (k2 >> 16) & 0xFFFF, k2 & 0xFFFF
+            k0, k1 = key
+            a, b = (k0 >> 32) & M32, k0 & M32
+            pa, pb = (k1 >> 16) & 0xFFFF, k1 & 0xFFFF
             if not val[V_FLAGS] & F_ORIG_A:
                 a, b, pa, pb = b, a, pb, pa
-            proto = k0 & 0xFF
+            proto = (k1 >> 32) & 0xFF
             out.append({
-                "zone": k0 >> 8, "proto": proto, "src": a, "sport": pa, "dst": b,
+                "zone": k1 >> 40, "proto": proto, "src": a, "sport": pa, "dst": b,
                 "dport": pb, "bucket": bucket, "expires": exp,
                 "state": TCP_STATE_NAMES[val[V_STATE]] if proto == L.PROTO_TCP else
                 ("REPLIED" if val[V_FLAGS] & F_REPLIED else "UNREPLIED"),
-                "assured": bool(val[V_FLAGS] & F_ASSURED), "aux": val[V_AUX],
+                "assured": bool(val[V_FLAGS] & F_ASSURED),
+                "aux": val[V_FLAGS] >> AUX_SHIFT,
                 "user": val[V_USER:V_USER + DEVICE_WORDS]})
         return out
 
@@ -265,18 +272,46 @@ class Conntrack:
 
 @inline_kernel
 def ct_make_key(key, zone, proto, src, sport, dst, dport):
-    """Write the canonical key of a flow into ``key``; returns True when ``src`` is
-    endpoint A."""
+    """Write the canonical key of a flow into ``key`` (``zone`` below
+    :data:`ZONE_LIMIT`); returns True when ``src`` is endpoint A."""
     ea = (src << 16) | sport
     eb = (dst << 16) | dport
-    key[0] = ((zone & M32) << 8) | proto
+    zp = (zone << 40) | (proto << 32)
     if ea <= eb:
-        key[1] = pack32(src, dst)
-        key[2] = (sport << 16) | dport
+        key[0] = pack32(src, dst)
+        key[1] = zp | (sport << 16) | dport
         return True
-    key[1] = pack32(dst, src)
-    key[2] = (dport << 16) | sport
+    key[0] = pack32(dst, src)
+    key[1] = zp | (dport << 16) | sport
     return False
+
+
+@inline_kernel
+def ct_flags_word(flags, aux):
+    """The ``V_FLAGS`` word of flags ``flags`` and aux number ``aux``."""
+    return (aux << AUX_SHIFT) | flags
+
+
+@inline_kernel
+def ct_aux(vals, e):
+    """Entry ``e``'s aux number: the device's (a firewall rule, an lb backend)."""
+    return vals[e, V_FLAGS] >> AUX_SHIFT
+
+
+@inline_kernel
+def ct_set_aux(vals, e, aux):
+    vals[e, V_FLAGS] = ct_flags_word(vals[e, V_FLAGS] & ((1 << AUX_SHIFT) - 1), aux)
+
+
+@inline_kernel
+def ct_copy_values(vals, src, dst, proto):
+    """Entry ``src``'s values to entry ``dst``: the first line's words, and for TCP
+    the rest (a UDP/ICMP/other entry's are never read)."""
+    for w in range(FIRST_WORDS):  # a constant bound: unrolled
+        vals[dst, w] = vals[src, w]
+    if proto == L.PROTO_TCP:
+        for w in range(FIRST_WORDS, BASE_WORDS):
+            vals[dst, w] = vals[src, w]
 
 
 @inline_kernel
@@ -653,15 +688,15 @@ def ct_row_key(key, data, row):
 
 
 @inline_kernel
-def ct_first_line(row, hot):
-    """A device that reads nothing but the first line of a UDP flow's entry (no
-    ``V_AUX``: ``hot``) reads only that line of this row's: the run-ahead fetches that
-    line alone (:data:`dva.nf.table.HOT_ONLY`)."""
-    return hot and row[L.PROTO] == L.PROTO_UDP
+def ct_first_line(row):
+    """The row's entry is a UDP flow's: its packets read, and its creation writes,
+    only the record's first line, which the run-ahead fetches alone
+    (:data:`dva.nf.table.HOT_ONLY`)."""
+    return row[L.PROTO] == L.PROTO_UDP
 
 
 @kernel
-def ct_prefetch_ctrl(state, info, key, data, meta, n, hs, hot):
+def ct_prefetch_ctrl(state, info, key, data, meta, n, hs):
     """The first pass of a batch's run-ahead: each TCP/UDP row's key hashed (into
     ``hs[i]``, -1 for a row that is not looked up) and its home slot's control bytes
     prefetched (a few MiB for a large table: they mostly stay cached). The decision
@@ -672,9 +707,7 @@ def ct_prefetch_ctrl(state, info, key, data, meta, n, hs, hot):
     ``hs[i]`` is then that slot, the row's candidate: a hint for
     :func:`ct_classify_at` and :func:`ct_create`, which then check one slot instead
     of probing. It is the batch's first pass (:func:`dva.nf.table.tbl_begin_pass`).
-    ``hot``: the device reads nothing but the first line of a UDP flow's entry (no
-    ``V_AUX``), so only that line is fetched for UDP rows
-    (:data:`dva.nf.table.HOT_ONLY`)."""
+    Only the first line of a UDP row's record is fetched (:func:`ct_first_line`)."""
     tbl_begin_pass(info)
     for i in range(n):
         row = meta[i]
@@ -684,7 +717,7 @@ def ct_prefetch_ctrl(state, info, key, data, meta, n, hs, hot):
         ct_row_key(key, data, row)
         h = tbl_hash(key)
         tbl_prefetch_ctrl(state, h)
-        hs[i] = h | HOT_ONLY if ct_first_line(row, hot) else h
+        hs[i] = h | HOT_ONLY if ct_first_line(row) else h
 
 
 @kernel
@@ -724,16 +757,18 @@ def ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row
     if e < 0:
         events[ev0 + E_REFUSED] += 1
         return -1
-    # a connection table's values are BASE_WORDS wide (Conntrack): a constant
-    # bound unrolls the loop (2 ns of a new lb connection's, docs/benchmarks.md)
-    for w in range(BASE_WORDS):
+    proto = row[L.PROTO]
+    # constant bounds unroll the loops (2 ns of a new lb connection's,
+    # docs/benchmarks.md); a UDP/ICMP/other entry writes its first line alone
+    for w in range(V_USER, FIRST_WORDS):
         vals[e, w] = 0
-    vals[e, V_FLAGS] = F_ORIG_A if a_is_src else 0
-    vals[e, V_AUX] = aux
+    if proto == L.PROTO_TCP:
+        for w in range(FIRST_WORDS, BASE_WORDS):
+            vals[e, w] = 0
+    vals[e, V_FLAGS] = ct_flags_word(F_ORIG_A if a_is_src else 0, aux)
     events[ev0 + E_CREATED] += 1
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
-    proto = row[L.PROTO]
     if proto == L.PROTO_TCP:
         ct_tcp(vals, expires, e, 0, pkt, row[L.L3_OFF], row[L.L4_OFF], timeouts, now)
     else:
@@ -759,6 +794,7 @@ def ct_sweep(state, expires, info, events, ev0, now, budget, expired_before):
 
 __all__ = [
     "Conntrack", "ct_packet", "ct_classify", "ct_classify_at", "ct_first_line", "ct_advance", "FOUND", "ct_create", "ct_delete", "ct_sweep", "ct_make_key",
+    "ct_aux", "ct_set_aux", "ct_flags_word", "ct_copy_values",
     "ct_related_key", "ct_quoted", "timeouts_array", "CT_EVENTS", "DEFAULT_TIMEOUTS", "NEW",
     "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "REOPEN", "MAX_FLOWS_LIMIT",
     "TCP_NEXT", "TCP_STATE_NAMES",

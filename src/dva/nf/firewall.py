@@ -408,7 +408,7 @@ def firewall_kernel(data, free, top, meta, n, headroom, now, sweep, rules, cfg, 
     """Decide rows [0, n); append reject answers. Returns the new row count."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch_ctrl(state, info, key, data, meta, n, cands, True)
+    ct_prefetch_ctrl(state, info, key, data, meta, n, cands)
     for i in range(n):
         tbl_prefetch_found_ahead(state, expires, cands, i, n)  # cands[i]: a candidate
         row = meta[i]

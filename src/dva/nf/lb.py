@@ -75,10 +75,10 @@ the reply's tuple (backend -> client) hashes elsewhere, so a multi-worker dispat
 must steer replies to the owner (as for ``nat``'s port forwards).
 
 State (:class:`LbState`): the connection table (flow state: E1/E2 entries of
-:mod:`dva.nf.xlat`, E1 alone in ``dnat``, plus the backend's number; ``max_flows``
-connections, so ``2 * max_flows`` entries in ``fullnat``), the ``health`` table
-(shared) and
-the Maglev tables derived from config and health. Counters: ``conntrack.CT_EVENTS``,
+:mod:`dva.nf.xlat`, E1 alone in ``dnat``, each with its backend's number as
+conntrack's aux; ``max_flows`` connections, so ``2 * max_flows`` entries in
+``fullnat``), the ``health`` table (shared) and the Maglev tables derived from
+config and health. Counters: ``conntrack.CT_EVENTS``,
 ``EVENTS``, then per VIP and backend ``VIP/ADDR:PORT flows`` (connections given to
 it) and ``VIP/ADDR:PORT packets`` (packets of its connections, both ways).
 """
@@ -103,39 +103,44 @@ from dva.nf.base import (
     two_ports,
 )
 from dva.nf.conntrack import (
-    BASE_WORDS,
     CT_EVENTS,
     E_RELATED,
     ESTABLISHED,
     F_ORIG_A,
     FOUND,
     INVALID,
+    KEY_WORDS,
     MAX_FLOWS_LIMIT,
     NEW,
     RELATED,
     REOPEN,
     SWEEP_BATCH,
     SWEEP_TICK,
-    V_AUX,
     V_FLAGS,
     Conntrack,
     check_timeouts,
     ct_advance,
+    ct_aux,
     ct_classify,
     ct_classify_at,
+    ct_copy_values,
     ct_create,
     ct_delete,
+    ct_first_line,
+    ct_flags_word,
     ct_make_key,
     ct_ported,
     ct_prefetch_ctrl,
     ct_quoted,
     ct_row_key,
+    ct_set_aux,
     ct_sweep,
     pack32,
     timeouts_array,
 )
 from dva.nf.maglev import DEFAULT_SIZE, MAX_SIZE, build_table, is_prime
 from dva.nf.table import (
+    HOT_ONLY,
     I_EXPIRED,
     HashTable,
     sorted_find,
@@ -192,7 +197,6 @@ NOTES = ("", "to the backend", "back from the backend", "passes untracked",
          "new: balanced", "ARP passes", "ICMP error translated")
 N_FWD, N_BACK, N_PASS, N_NEW, N_ARP, N_ICMP = range(1, len(NOTES))
 
-U_BACKEND = V_AUX  # the backend's number (into Lb.backends): conntrack's device word
 P_ALONE = 1 << 16  # in the ports word: a DNAT connection without E2 (its E1 names it)
 MAX_VIPS = 1024
 MAX_BACKENDS = 4096
@@ -343,7 +347,7 @@ class LbState(DeviceState):
         self.health = HashTable(2, 1, MAX_BACKENDS)
         self.shared_tables["health"] = self.health
         self.maglev = np.full((len(config.vips), config.table_size), -1, np.int32)
-        self.key2 = np.zeros(3, np.int64)
+        self.key2 = np.zeros(KEY_WORDS, np.int64)
         self.tup = np.zeros(4, np.int64)
         self.flags = np.zeros(1, np.int64)
         self.rebuild_tables(0.0)
@@ -475,7 +479,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
                 _e1_of(keys, state, expires, info, vals, key2, zone, proto, sa, sp, k,
                        ep_first, ep_rows, backends, vips, v, now, -1) >= 0:
             return -1 - D_IN_USE
-    e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, 0,
+    e1 = ct_create(keys, vals, state, bucket, expires, info, key, a_is_src, data, row, b,
                    timeouts, events, 0, now, c1)
     if e1 < 0:
         return -1 - D_TABLE_FULL
@@ -484,7 +488,6 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     # in by port 0 (front), out by port 1 (back); refresh time 0: in fullnat, E2's
     # lifetime is due now
     set_meta(vals, e1, KIND_ORIG, (1 << 8) if fullnat else ((1 << 8) | P_ALONE))
-    vals[e1, U_BACKEND] = b
     if fullnat:
         a2 = ct_make_key(key2, zone, proto, nsa, nsp, nda, ndp)
         e2 = tbl_insert_inline(keys, state, bucket, expires, info, key2, row[L.BUCKET],
@@ -492,9 +495,8 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
         if e2 < 0:
             ct_delete(state, info, e1)
             return -1 - D_TABLE_FULL
-        for w in range(BASE_WORDS):  # E1's values to E2 (unrolled)
-            vals[e2, w] = vals[e1, w]
-        vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
+        ct_copy_values(vals, e1, e2, proto)
+        vals[e2, V_FLAGS] = ct_flags_word(F_ORIG_A if a2 else 0, b)
         set_meta(vals, e2, KIND_XLAT, entry_ports(vals, e1))
         set_x(vals, e2, sa, sp, da, dp)  # E2's key is T
     translate_first(pkt, l3, l4, end, proto, sa, sp, da, dp, nsa, nsp, nda, ndp)
@@ -509,7 +511,7 @@ def _count(vals, e, backends, events):
     """One more packet for the backend of connection ``e`` (E1). After a reload
     renumbered the backends the number is looked up again by address and port (once
     per connection; -1 when the backend is no longer listed: not counted)."""
-    b = vals[e, U_BACKEND]
+    b = ct_aux(vals, e)
     _, _, a, p = x_tuple(vals, e)
     if b < 0 or b >= backends.shape[0] or backends[b, B_ADDR] != a \
             or backends[b, B_PORT] != p:
@@ -520,7 +522,7 @@ def _count(vals, e, backends, events):
             if backends[j, B_ADDR] == a and backends[j, B_PORT] == p:
                 b = j
                 break
-        vals[e, U_BACKEND] = b
+        ct_set_aux(vals, e, b)
         if b < 0:
             return
     events[C_BACKENDS + 2 * b + 1] += 1
@@ -535,7 +537,8 @@ def _dnat_prefetch_ctrl(state, info, key, data, meta, n, hs, rev, vips, backends
     backend endpoint is looked up by the key of its connection -- the client's tuple
     to the first VIP that lists the endpoint, as :func:`_e1_of` looks it up -- not
     by its own tuple, which names no entry. ``rev[i]``: that endpoint's number, or
-    -1 for a row looked up by its own key (or not at all)."""
+    -1 for a row looked up by its own key (or not at all). Only the first line of a
+    UDP row's record is fetched (:func:`dva.nf.conntrack.ct_first_line`)."""
     tbl_begin_pass(info)
     for i in range(n):
         row = meta[i]
@@ -559,7 +562,7 @@ def _dnat_prefetch_ctrl(state, info, key, data, meta, n, hs, rev, vips, backends
             ct_row_key(key, data, row)
         rev[i] = k
         h = tbl_hash(key)
-        hs[i] = h
+        hs[i] = h | HOT_ONLY if ct_first_line(row) else h
         tbl_prefetch_ctrl(state, h)
 
 
@@ -573,14 +576,14 @@ def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expire
     expired_before = info[I_EXPIRED]
     fullnat = cfg[G_FULLNAT] != 0
     if fullnat:
-        ct_prefetch_ctrl(state, info, key, data, meta, n, hints, False)  # V_AUX
+        ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
     else:
         _dnat_prefetch_ctrl(state, info, key, data, meta, n, hints, slots, vips, backends,
                             ep_keys, ep_first, ep_rows)
     for i in range(n):
         tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
         if fullnat:
-            prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, 1, hints, False)
+            prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, 1, hints)
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

@@ -104,7 +104,6 @@ from dva.nf.base import (
     two_ports,
 )
 from dva.nf.conntrack import (
-    BASE_WORDS,
     CT_EVENTS,
     ESTABLISHED,
     F_ORIG_A,
@@ -124,6 +123,7 @@ from dva.nf.conntrack import (
     ct_advance,
     ct_classify,
     ct_classify_at,
+    ct_copy_values,
     ct_create,
     ct_delete,
     ct_make_key,
@@ -637,8 +637,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     if e2 < 0:
         ct_delete(state, info, e1)
         return -1 - D_TABLE_FULL, 0
-    for w in range(BASE_WORDS):  # E1's values to E2 (unrolled)
-        vals[e2, w] = vals[e1, w]
+    ct_copy_values(vals, e1, e2, proto)
     vals[e2, V_FLAGS] = F_ORIG_A if a2 else 0
     set_meta(vals, e2, KIND_XLAT, inp | (outp << 8))
     set_x(vals, e2, sa, sp, da, dp)  # E2's key is T
@@ -695,7 +694,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
     quarter of it)."""
     total = n
     expired_before = info[I_EXPIRED]
-    ct_prefetch_ctrl(state, info, key, data, meta, n, hints, True)
+    ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
     # Without port forwards and static mappings (whose inside hosts' replies find a
     # translated tuple's entry, E2, from the inside), only rows from the outside
     # find E2s (and hairpinned ones, which lose the hint): inside rows skip the
@@ -704,7 +703,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
     e2_port = 1 if dnat.shape[0] == 0 and static.shape[0] == 0 else -1
     for i in range(n):
         tbl_prefetch_found_ahead(state, expires, hints, i, n)  # hints[i]: a candidate
-        prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, e2_port, hints, True)
+        prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, e2_port, hints)
         row = meta[i]
         row[L.NOTE] = 0
         inp = row[L.IN_PORT]

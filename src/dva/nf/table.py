@@ -4,9 +4,10 @@ Every piece of device state that grows with traffic (MAC tables, connection
 tracking, NAT mappings, LB affinity) is one of these, so that bounding, expiry and
 moving state by flow bucket are written once:
 
-* one record per slot (one int64 row, cache-line aligned: expiry, key words, value
-  words, bucket), so that a lookup touches one or two cache lines -- one when what
-  it reads is in the first eight words (:data:`HOT_ONLY`); the kernels take column
+* one record per slot (one int64 row, cache-line aligned: expiry, key words, bucket,
+  value words), so that a lookup or an insert touches one or two cache lines -- one
+  when what it reads or writes is in the first eight words (:data:`HOT_ONLY`); the
+  kernels take column
   views of it (``keys``, ``vals``, ``bucket``, ``expires``);
 * and one **control byte** per slot in a dense array of its own (``state``: 64
   slots a cache line, a few MiB for millions of slots, so it mostly stays cached):
@@ -52,9 +53,10 @@ IMPORT_BLOCK = 32  # entries whose home slots an import prefetches (misses overl
 AHEAD = 12  # rows a decision loop's record prefetches run ahead of it
 
 M32 = 0xFFFFFFFF
-# In a run-ahead's hash (above its 32 bits): the row, when its key is present, reads
-# only its record's first line (expiry, key, the first value words), so that line
-# alone is fetched (:func:`tbl_prefetch_found`). A device sets it where that holds.
+# In a run-ahead's hash (above its 32 bits): the row reads, or when its key is absent
+# writes, only its record's first line (expiry, key, bucket, the first value words),
+# so that line alone is fetched (:func:`tbl_prefetch_found`). A device sets it where
+# that holds.
 HOT_ONLY = 1 << 32
 
 
@@ -68,8 +70,8 @@ def tbl_hash(key):
     Bits 32..63 of a 64-bit product depend only on the product modulo 2**64, so the
     compiled code (wrapping int64) and the reference (exact ints) agree.
 
-    The first three words are written out (connection tables' keys have three, MAC
-    and ARP tables' one, the NAT's mappings two; DHCP and the policer loop on), so
+    The first three words are written out (connection tables' keys and the NAT's
+    mappings have two, MAC and ARP tables' one; DHCP and the policer loop on), so
     that the code is straight for them: a loop to the key's length, which numba
     does not know, cost 5% of a new lb connection with :func:`_key_eq` and
     :func:`_place` (docs/benchmarks.md). The branches go the same way every time.
@@ -159,11 +161,11 @@ def tbl_slot_for(state, h):
 def tbl_prefetch_found(state, expires, h):
     """Second pass: the record of :func:`tbl_slot_for` (its control bytes fetched by
     :func:`tbl_prefetch_ctrl`), whole, or its first line alone when ``h`` carries
-    :data:`HOT_ONLY` and the slot is used (a free one is where a new entry goes: all
-    of it is written). A batch's records then come in one miss a line, with no line
-    fetched for a slot the probe does not use. Returns that slot."""
+    :data:`HOT_ONLY` (the entry read there, or the new entry written there). A
+    batch's records then come in one miss a line, with no line fetched for a slot
+    the probe does not use. Returns that slot."""
     s = tbl_slot_for(state, h & M32)
-    if (h & HOT_ONLY) != 0 and is_used(state[s]):
+    if (h & HOT_ONLY) != 0:
         prefetch(expires, s, 0)
     else:
         _record_lines(expires, s, 0)
@@ -528,13 +530,14 @@ class HashTable:
         self.key_words = key_words
         self.value_words = value_words
         cap = _slots_for(max_entries)
-        # One record per slot, cache-line aligned: expiry, key words, value words,
-        # bucket. A lookup then touches one or two cache lines, not one per array
+        # One record per slot, cache-line aligned: expiry, key words, bucket, value
+        # words. A lookup then touches one or two cache lines, not one per array
         # (with a million flows every one of those is a miss): the first line holds
-        # the expiry, the key and the first value words, all a packet of an
-        # established flow reads in conntrack (UDP, ICMP); the bucket, read only when
-        # buckets move, comes last. The kernels get column views of it. The slots'
-        # control bytes are a dense array of their own (see the module's docstring).
+        # the expiry, the key, the bucket and the first value words -- in conntrack
+        # all that a packet of an established UDP or ICMP flow reads, and all that a
+        # new one writes (the bucket: every insert writes it). The kernels get column
+        # views of it. The slots' control bytes are a dense array of their own (see
+        # the module's docstring).
         # Nothing is written here: the zeroed pages stay unallocated until slots are
         # used (a large idle table costs no memory).
         width = (2 + key_words + value_words + 7) // 8 * 8
@@ -544,8 +547,8 @@ class HashTable:
         self.state = np.zeros(cap, np.int8)
         self.expires = self.records[:, 0].view(np.float64)
         self.keys = self.records[:, 1:1 + key_words]
-        self.vals = self.records[:, 1 + key_words:1 + key_words + value_words]
-        self.bucket = self.records[:, 1 + key_words + value_words]  # in used slots
+        self.bucket = self.records[:, 1 + key_words]  # in used slots
+        self.vals = self.records[:, 2 + key_words:2 + key_words + value_words]
         self.info = np.zeros(NINFO, np.int64)
         self.info[I_MAX] = max_entries
 
@@ -652,7 +655,7 @@ class HashTable:
 
     @property
     def record_words(self) -> int:
-        """Words of a record :meth:`take_entries` gives: expiry, key, value, bucket."""
+        """Words of a record :meth:`take_entries` gives: expiry, key, bucket, value."""
         return 2 + self.key_words + self.value_words
 
     def take_entries(self, buckets, now: float, out: np.ndarray | None = None
@@ -679,8 +682,8 @@ class HashTable:
                              f"{self.key_words}+{self.value_words}")
         # column views of the records (no copies: they may be a staged file's pages)
         failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
-                         self.info, r[:, 1:1 + kw], r[:, 1 + kw:1 + kw + vw],
-                         r[:, 1 + kw + vw], r[:, 0].view(np.float64), now, False)
+                         self.info, r[:, 1:1 + kw], r[:, 2 + kw:2 + kw + vw],
+                         r[:, 1 + kw], r[:, 0].view(np.float64), now, False)
         if failed:
             raise TableFull(f"{failed} of {len(r)} moved entries did not fit "
                             f"(limit {self.max_entries})")

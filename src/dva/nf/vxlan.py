@@ -288,15 +288,15 @@ class VxlanState(DeviceState):
 
 def _records(t: HashTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A table's records as int64 and float64, its control bytes and its info;
-    checked to hold the columns the kernel takes (expiry, key, value, bucket)."""
+    checked to hold the columns the kernel takes (expiry, key, bucket, value)."""
     r = t.records
     base = r.__array_interface__["data"][0]
 
     def at(a: np.ndarray) -> int:
         return (a.__array_interface__["data"][0] - base) // 8
 
-    if not (r.flags.c_contiguous and (at(t.expires), at(t.keys), at(t.vals),
-                                      at(t.bucket)) == (0, 1, 2, 3)):
+    if not (r.flags.c_contiguous and (at(t.expires), at(t.keys), at(t.bucket),
+                                      at(t.vals)) == (0, 1, 2, 3)):
         raise AssertionError("HashTable records are not laid out as vxlan_kernel expects")
     return r, r.view(np.float64), t.state, t.info
 

@@ -488,12 +488,12 @@ def vxlan_kernel(data, free, top, meta, n, headroom, dv, fparams, mrec, mfrec, m
     vtep_slots = dv[o:o + dv[G_NVH]]
     mexp = mfrec[:, 0]
     mkeys = mrec[:, 1:2]
-    mvals = mrec[:, 2:3]
-    mbucket = mrec[:, 3]
+    mbucket = mrec[:, 2]
+    mvals = mrec[:, 3:4]
     nexp = nfrec[:, 0]
     nkeys = nrec[:, 1:2]
-    nvals = nrec[:, 2:3]
-    nbucket = nrec[:, 3]
+    nbucket = nrec[:, 2]
+    nvals = nrec[:, 3:4]
 
     misc[M_EPOCH] += 1
     epoch = misc[M_EPOCH]

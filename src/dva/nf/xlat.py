@@ -90,12 +90,12 @@ def x_tuple(vals, e):
 def key_tuple(keys, vals, e):
     """(src, sport, dst, dport) of entry ``e``'s own key (E1: O, E2: T), the
     endpoint its ``F_ORIG_A`` names first (:func:`dva.nf.conntrack.ct_make_key`)."""
+    k0 = keys[e, 0]
     k1 = keys[e, 1]
-    k2 = keys[e, 2]
-    aa = (k1 >> 32) & 0xFFFFFFFF
-    ba = k1 & 0xFFFFFFFF
-    ap = (k2 >> 16) & 0xFFFF
-    bp = k2 & 0xFFFF
+    aa = (k0 >> 32) & 0xFFFFFFFF
+    ba = k0 & 0xFFFFFFFF
+    ap = (k1 >> 16) & 0xFFFF
+    bp = k1 & 0xFFFF
     if (vals[e, V_FLAGS] & F_ORIG_A) != 0:
         return aa, ap, ba, bp
     return ba, bp, aa, ap
@@ -293,7 +293,7 @@ def icmp_error_xlat_from(data, row, keys, vals, e, quoted_t):
 
 
 @inline_kernel
-def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot):
+def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands):
     row = meta[j]
     if in_port >= 0 and row[L.IN_PORT] != in_port:
         return  # before the record: it may not have arrived yet (it was asked for
@@ -304,14 +304,14 @@ def _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot):
     sa, sp, da, dp = x_tuple(vals, c)  # an E2 keeps O
     ct_make_key(key2, row[L.TENANT], row[L.PROTO], sa, sp, da, dp)
     s = tbl_hash(key2) & (state.shape[0] - 1)
-    if ct_first_line(row, hot):
+    if ct_first_line(row):
         tbl_prefetch_hot(state, expires, s)
     else:
         tbl_prefetch(state, expires, s)
 
 
 @inline_kernel
-def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands, hot):
+def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands):
     """Called in row ``i``'s iteration of a decision loop, after
     :func:`dva.nf.table.tbl_prefetch_found_ahead`: for row ``i + AHEAD_E1`` (at row 0
     also for rows ``0 .. AHEAD_E1 - 1``) from port ``in_port`` (or any when -1), if
@@ -324,15 +324,15 @@ def prefetch_e1_ahead(meta, i, n, state, vals, expires, key2, in_port, cands, ho
     A hint, not a lookup: a candidate that holds another key with the same control
     byte (one in 64) costs a useless prefetch. The rows' keys are not built and
     compared here: the decision loop's lookups start from the same candidates
-    (:func:`dva.nf.conntrack.ct_classify_at`). ``hot``: for a row of
+    (:func:`dva.nf.conntrack.ct_classify_at`). For a row of
     :func:`dva.nf.conntrack.ct_first_line` only E1's first line is fetched
     (:func:`dva.nf.table.tbl_prefetch_hot`)."""
     if i == 0:
         for j in range(min(AHEAD_E1, n)):
-            _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot)
+            _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands)
     j = i + AHEAD_E1
     if j < n:
-        _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands, hot)
+        _prefetch_e1_row(meta, j, state, vals, expires, key2, in_port, cands)
 
 
 @inline_kernel

@@ -33,6 +33,7 @@ HOPS = 17  # devices traversed so far (hop limit)
 NOTE = 18  # device-specific "why" code for tracing (index into Device.notes)
 ORIGIN = 19  # ingress attachment index, -1 for packets generated inside the graph
 NFIELDS = 20
+TENANT_LIMIT = 1 << 23  # tenant ids are 0 .. TENANT_LIMIT - 1 (connection keys hold 23 bits)
 
 FIELD_NAMES = (
     "slot", "start", "len", "in_port", "tenant", "hash", "bucket", "etype", "vlan",

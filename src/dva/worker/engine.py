@@ -210,6 +210,8 @@ class Engine:
             raise ValueError(f"bucket count must be a power of two, not {nbuckets}")
         if hop_limit < 1:
             raise ValueError("hop limit must be at least 1")
+        if not 0 <= tenant_id < L.TENANT_LIMIT:
+            raise ValueError(f"tenant id must be in 0 .. {L.TENANT_LIMIT - 1}, not {tenant_id}")
         self.plan = plan
         self.pool = pool
         self.tenant_id = tenant_id
