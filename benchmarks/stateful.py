@@ -160,7 +160,7 @@ def build(flows: int):
     from dva._jit import inline_kernel, kernel, prefetch
     from dva.graph.appliance import parse_appliance
     from dva.graph.plan import compile_plan
-    from dva.nf.conntrack import ct_make_key
+    from dva.nf.conntrack import KEY_WORDS, ct_make_key
     from dva.nf.table import (
         tbl_begin_pass,
         tbl_hash,
@@ -274,7 +274,7 @@ attach:
                 done += s >= 0
         return done
 
-    kbuf = np.zeros((BATCH, 3), np.int64)
+    kbuf = np.zeros((BATCH, KEY_WORDS), np.int64)
     hs = np.zeros(BATCH, np.int64)
 
     def run_ops(t, ids, insert, batched):
