@@ -126,8 +126,20 @@ if JIT_ENABLED:
         exact Python int in the reference, and both agree on every masked result.
         """
         return np.int64(x)
+
+    @numba.njit(inline="always", cache=True)
+    def u64(x):
+        """``x`` as an unsigned 64-bit int, for arithmetic that must wrap modulo
+        2**64 (a hash's multiply). numba marks signed adds and multiplies as never
+        overflowing (LLVM's ``nsw``): where LLVM can prove a product overflows (a
+        key built from values of known ranges, inlined) it may fold it to anything.
+        Unsigned ones wrap. In the reference, an exact int reduced modulo 2**64."""
+        return np.uint64(x)
 else:
     i64 = int
+
+    def u64(x):
+        return x & 0xFFFFFFFFFFFFFFFF
 
 
 # -- big-endian loads and stores ---------------------------------------------------------

@@ -462,3 +462,40 @@ def test_a_kept_lookup_result_is_trusted_only_while_the_slot_still_holds_the_key
     assert not holds(t.keys, t.state, t.expires, s, a, 10.5)  # expired since
     tbl_delete(t.state, t.info, s)
     assert not holds(t.keys, t.state, t.expires, s, a, 1.0)  # deleted since
+
+
+def _ref_hash(words) -> int:
+    """tbl_hash in exact integers: bits 32..63 of each product modulo 2**64."""
+    h = 0x2545F491
+    for w in words:
+        h = (((h ^ int(w)) * 0x5851F42D4C957F2D) % (1 << 64)) >> 32
+    return h
+
+
+def test_the_hash_wraps_where_the_compiler_knows_the_keys_ranges():
+    """numba tells LLVM that signed multiplies never overflow. A kernel that built
+    its keys inline from values of known ranges (benchmarks/stateful.py's batched
+    conntrack steps: addresses 10.x.y.z, ports 1024 + f % 16) then got one hash,
+    0x7FFFFFFF, for every key -- its multiplies certainly overflow, so LLVM folded
+    them. tbl_hash multiplies unsigned: the hashes are the reference's."""
+    from dva._jit import kernel
+    from dva.nf.conntrack import KEY_WORDS, ct_make_key
+
+    @kernel
+    def hashes(ids, key, out):
+        for i in range(ids.shape[0]):
+            f = ids[i]
+            ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15),
+                        0xC0000209, 53)
+            out[i] = tbl_hash(key)
+
+    ids = np.arange(64, dtype=np.int64)
+    out = np.zeros(64, np.int64)
+    key = np.zeros(KEY_WORDS, np.int64)
+    hashes(ids, key, out)
+    want = []
+    for f in range(64):
+        ct_make_key(key, 0, 17, 0x0A000000 | (f >> 4), 1024 + (f & 15), 0xC0000209, 53)
+        want.append(_ref_hash(key))
+    assert out.tolist() == want and len(set(want)) == 64
+    assert tbl_hash(np.array([-5, 7, 1 << 62], np.int64)) == _ref_hash([-5, 7, 1 << 62])

@@ -42,7 +42,7 @@ import io
 
 import numpy as np
 
-from dva._jit import i64, inline_copy, inline_kernel, kernel, prefetch
+from dva._jit import i64, inline_copy, inline_kernel, kernel, prefetch, u64
 
 EMPTY, USED, TOMB = 0, 1, 2  # control bytes: USED is the low bit of every used code
 # info[] slots. I_CLEAN: 1 while no slot was freed since the batch's first run-ahead
@@ -68,7 +68,8 @@ def tbl_hash(key):
     """Multiply-shift hash of the key words (32 bits).
 
     Bits 32..63 of a 64-bit product depend only on the product modulo 2**64, so the
-    compiled code (wrapping int64) and the reference (exact ints) agree.
+    compiled code (wrapping uint64: :func:`_mix`) and the reference (exact ints)
+    agree.
 
     The first three words are written out (connection tables' keys and the NAT's
     mappings have two, MAC and ARP tables' one; DHCP and the policer loop on), so
@@ -77,14 +78,22 @@ def tbl_hash(key):
     :func:`_place` (docs/benchmarks.md). The branches go the same way every time.
     """
     n = key.shape[0]
-    h = (((0x2545F491 ^ i64(key[0])) * MUL) >> 32) & M32
+    h = _mix(0x2545F491, key[0])
     if n > 1:
-        h = (((h ^ i64(key[1])) * MUL) >> 32) & M32
+        h = _mix(h, key[1])
     if n > 2:
-        h = (((h ^ i64(key[2])) * MUL) >> 32) & M32
+        h = _mix(h, key[2])
     for w in range(3, n):
-        h = (((h ^ i64(key[w])) * MUL) >> 32) & M32
+        h = _mix(h, key[w])
     return h
+
+
+@inline_kernel
+def _mix(h, w):
+    """Bits 32..63 of ``(h ^ w) * MUL`` modulo 2**64, multiplied unsigned: a signed
+    multiply is one numba tells LLVM never overflows, and a kernel that built its
+    keys from values of known ranges got one constant for every key (``u64``)."""
+    return i64(((u64(h ^ i64(w)) * u64(MUL)) >> u64(32)) & u64(M32))
 
 
 @inline_kernel
