@@ -160,8 +160,8 @@ from dva.nf.xlat import (
     entry_ports,
     icmp_error_xlat,
     icmp_error_xlat_from,
+    packet_tuple,
     prefetch_e1_ahead,
-    read_tuple,
     refresh_due,
     set_meta,
     set_x,
@@ -348,7 +348,6 @@ class LbState(DeviceState):
         self.shared_tables["health"] = self.health
         self.maglev = np.full((len(config.vips), config.table_size), -1, np.int32)
         self.key2 = np.zeros(KEY_WORDS, np.int64)
-        self.tup = np.zeros(4, np.int64)
         self.flags = np.zeros(1, np.int64)
         self.rebuild_tables(0.0)
 
@@ -440,7 +439,7 @@ def _e1_of(keys, state, expires, info, vals, key, zone, proto, ca, cp, k, ep_fir
 
 
 @inline_kernel
-def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup, vips,
+def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, vips,
               backends, ep_first, ep_rows, maglev, cfg, mask, a_is_src, v, timeouts,
               events, now, c1):
     """Open the connection of a NEW packet to VIP ``v``: choose its backend, create
@@ -453,8 +452,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tu
     end = l3 + rd16(pkt, l3 + 2)
     proto = row[L.PROTO]
     zone = row[L.TENANT]
-    read_tuple(pkt, l3, l4, end, proto, tup)
-    sa, sp, da, dp = tup[0], tup[1], tup[2], tup[3]
+    sa, sp, da, dp = packet_tuple(pkt, l3, l4, end, proto)
     j = maglev[v, row[L.HASH] % maglev.shape[1]]
     if j < 0:
         return -1 - D_NO_BACKEND
@@ -568,7 +566,7 @@ def _dnat_prefetch_ctrl(state, info, key, data, meta, n, hs, rev, vips, backends
 
 @kernel
 def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expires, info,
-              key, slots, hints, key2, tup, vips, vip_addrs, backends, be_addrs, ep_keys,
+              key, slots, hints, key2, vips, vip_addrs, backends, be_addrs, ep_keys,
               ep_first, ep_rows, maglev, cfg, timeouts, events, flags):
     """Decide and translate rows [0, n). Returns the row count (nothing appended).
     ``hints[i]``: row i's candidate slot from the run-ahead; ``slots[i]`` (dnat):
@@ -735,7 +733,7 @@ def lb_kernel(data, meta, n, mask, now, sweep, keys, vals, state, bucket, expire
             row[L.NOTE] = N_PASS
             events[C_PASSED] += 1
             continue
-        e = _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2, tup,
+        e = _new_conn(data, row, keys, vals, state, bucket, expires, info, key, key2,
                       vips, backends, ep_first, ep_rows, maglev, cfg, mask, d, v,
                       timeouts, events, now, hint)
         if e < 0:
@@ -833,7 +831,7 @@ class Lb(Device):
         t = state.ct.table
         slots, hints = state.scratch(rows, "slots"), state.scratch(rows, "hints")
         return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, state.ct.key, slots,
-                hints, state.key2, state.tup, self.vips, self.vip_addrs, self.backends,
+                hints, state.key2, self.vips, self.vip_addrs, self.backends,
                 self.be_addrs, self.ep_keys, self.ep_first, self.ep_rows, state.maglev,
                 self.cfg, self.timeouts, state.events, state.flags), min(len(slots), len(hints))
 

@@ -164,8 +164,8 @@ from dva.nf.xlat import (
     entry_kind,
     entry_ports,
     icmp_error_xlat,
+    packet_tuple,
     prefetch_e1_ahead,
-    read_tuple,
     refresh_due,
     set_meta,
     set_x,
@@ -394,7 +394,6 @@ class NatState(DeviceState):
         self.shared_tables["mappings"] = self.maps
         self.key2 = np.zeros(KEY_WORDS, np.int64)
         self.mkey = np.zeros(2, np.int64)
-        self.tup = np.zeros(4, np.int64)
         self.flags = np.zeros(1, np.int64)
 
 
@@ -562,7 +561,7 @@ def _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, da, dp):
 
 @kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals, mstate,
-              mbucket, mexp, minfo, key, key2, mkey, tup, pool, pool_h, static, dnat, cfg,
+              mbucket, mexp, minfo, key, key2, mkey, pool, pool_h, static, dnat, cfg,
               mask, a_is_src, timeouts, events, now, c, rules):
     """Create the connection of a NEW packet and decide its translation (and rewrite
     the packet); ``c``: E1's candidate slot (:func:`dva.nf.conntrack.ct_create`).
@@ -576,8 +575,7 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
     proto = row[L.PROTO]
     zone = row[L.TENANT]
     inp = row[L.IN_PORT]
-    read_tuple(pkt, l3, l4, end, proto, tup)
-    sa, sp, da, dp = tup[0], tup[1], tup[2], tup[3]
+    sa, sp, da, dp = packet_tuple(pkt, l3, l4, end, proto)
     nsa, nsp, nda, ndp = sa, sp, da, dp
     outp = 1 - inp
     note = N_NEW_PLAIN
@@ -686,8 +684,7 @@ def _refuse(data, free, top, meta, i, total, headroom, events, reason):
 @kernel
 def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals, state,
                bucket, expires, info, mkeys, mvals, mstate, mbucket, mexp, minfo, key, key2,
-               mkey, tup, hints, pool, pool_h, static, dnat, cfg, rules, timeouts, events,
-               flags):
+               mkey, hints, pool, pool_h, static, dnat, cfg, rules, timeouts, events, flags):
     """Decide and translate rows [0, n); append the filter's reject answers. Returns
     the row count; ``flags[0]``: bit 0, the connection table wants a rebuild
     (:func:`dva.nf.conntrack.ct_sweep`), bit 1 the mapping table (tombstones fill a
@@ -800,7 +797,7 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
             row[L.VERDICT] = drop_code(D_INVALID)
             continue
         e, note = _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys,
-                            mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, tup, pool,
+                            mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, pool,
                             pool_h, static, dnat, cfg, mask, d, timeouts, events, now,
                             hints[i], rules)
         if e < 0:
@@ -876,7 +873,7 @@ class Nat(Device):
         hints = state.scratch(rows, "hints")
         return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, m.keys, m.vals,
                 m.state, m.bucket, m.expires, m.info, state.ct.key, state.key2, state.mkey,
-                state.tup, hints, self.pool, self.pool_h, self.static, self.dnat, self.cfg,
+                hints, self.pool, self.pool_h, self.static, self.dnat, self.cfg,
                 self.rules, self.timeouts, state.events, state.flags), len(hints)
 
     def process(self, batch, state: NatState, now: float) -> None:

@@ -197,16 +197,6 @@ def packet_tuple(pkt, l3, l4, end, proto):
 
 
 @inline_kernel
-def read_tuple(pkt, l3, l4, end, proto, tup):
-    """:func:`packet_tuple` into ``tup``."""
-    sa, sp, da, dp = packet_tuple(pkt, l3, l4, end, proto)
-    tup[0] = sa
-    tup[1] = sp
-    tup[2] = da
-    tup[3] = dp
-
-
-@inline_kernel
 def _map_endpoint(a, p, fs, fsp, fd, fdp, gs, gsp, gd, gdp):
     """Endpoint (a, p) of tuple F in tuple G: (addr, port)."""
     if a == fs and p == fsp:
