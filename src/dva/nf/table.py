@@ -521,6 +521,15 @@ class TableFull(RuntimeError):
     """Entries could not be imported because the table is at its limit."""
 
 
+def _columns(records: np.ndarray, key_words: int, value_words: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Column views of records (a table's, or :meth:`HashTable.take_entries`'):
+    expiry (float64), key words, bucket, value words -- the one place their order
+    is written (``vxlan_kernel`` slices it too, checked by ``vxlan._records``)."""
+    return (records[:, 0].view(np.float64), records[:, 1:1 + key_words],
+            records[:, 1 + key_words], records[:, 2 + key_words:2 + key_words + value_words])
+
+
 def _slots_for(max_entries: int) -> int:
     n = 16
     while n < 2 * max_entries:
@@ -554,10 +563,9 @@ class HashTable:
         off = (-raw.ctypes.data // 8) % 8
         self.records = raw[off:off + cap * width].reshape(cap, width)
         self.state = np.zeros(cap, np.int8)
-        self.expires = self.records[:, 0].view(np.float64)
-        self.keys = self.records[:, 1:1 + key_words]
-        self.bucket = self.records[:, 1 + key_words]  # in used slots
-        self.vals = self.records[:, 2 + key_words:2 + key_words + value_words]
+        # the bucket is meaningful in used slots only
+        self.expires, self.keys, self.bucket, self.vals = _columns(
+            self.records, key_words, value_words)
         self.info = np.zeros(NINFO, np.int64)
         self.info[I_MAX] = max_entries
 
@@ -690,9 +698,9 @@ class HashTable:
             raise ValueError(f"entries of {kw}+{vw} words do not fit a table of "
                              f"{self.key_words}+{self.value_words}")
         # column views of the records (no copies: they may be a staged file's pages)
+        rexp, rkeys, rbucket, rvals = _columns(r, kw, vw)
         failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
-                         self.info, r[:, 1:1 + kw], r[:, 2 + kw:2 + kw + vw],
-                         r[:, 1 + kw], r[:, 0].view(np.float64), now, False)
+                         self.info, rkeys, rvals, rbucket, rexp, now, False)
         if failed:
             raise TableFull(f"{failed} of {len(r)} moved entries did not fit "
                             f"(limit {self.max_entries})")
