@@ -62,6 +62,11 @@ Behaviour (drop reasons in ``DROPS``):
   port unreachable (as the firewall does). Packets of an allowed connection (replies,
   RELATED ICMP errors) pass without rules; packets conntrack does not track (ICMP
   other than echo and errors) are matched as they are. Each rule counts its hits.
+* A firewall linked straight to the inside port may run in this pass
+  (:mod:`dva.worker.fused`; ``FILTER_FRONT``): its rules judge a new connection as
+  the firewall sees it (from the inside before any translation, from the outside
+  after destination translation, a hairpinned one also as it comes back in) and
+  count in its counters.
 * Hairpinning (REQ-9): a new connection from inside to an external address of the
   NAT (a mapping, a port forward, a static address) is translated both ways (source
   to its own mapping, destination to the inside target) and sent back inside.
@@ -207,9 +212,12 @@ C_FRULES = C_FRST + len(FILTER_EVENTS)
 
 NOTES = ("", "translated", "translated back", "untranslated", "new: source NAT",
          "new: destination NAT", "new: hairpin", "new: untranslated", "ARP passes",
-         "ICMP error translated", "denied", "rejected: reply sent", "reject reply")
+         "ICMP error translated", "denied", "rejected: reply sent", "reject reply",
+         "hairpin denied (coming back)", "hairpin rejected (coming back): reply sent",
+         "reject reply (hairpin)")
 (N_FWD, N_BACK, N_PLAIN, N_SNAT, N_DNAT, N_HAIRPIN, N_NEW_PLAIN, N_ARP,
- N_ICMP, N_DENIED, N_REJECTED, N_REPLY) = range(1, len(NOTES))
+ N_ICMP, N_DENIED, N_REJECTED, N_REPLY, N_HP_DENIED, N_HP_REJECTED,
+ N_HP_REPLY) = range(1, len(NOTES))
 
 # conntrack user words: the translated-connection layout of dva.nf.xlat (E1, E2).
 MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
@@ -218,6 +226,12 @@ MAP_LIFE = 60.0  # a new mapping's first lifetime (its connection refreshes it)
 MAP_OUT, MAP_IN = 0, 1
 # cfg[]
 G_PLO, G_PHI, G_EIF, G_HAIRPIN, G_SNAT, G_FILTER, G_FDEFAULT = range(7)
+# cfg[G_FILTER]: no filter, the NAT's own ``filter``, a firewall's rules run for it
+# (dva.worker.fused: a firewall whose port is linked straight to the inside port)
+FILTER_NONE, FILTER_OWN, FILTER_FRONT = 0, 1, 2
+# fb[]: where the filter counts in its counter array: the three counters of
+# firewall.send_reject (in its order), default_hits, rule 1's hits
+F_RST, F_DEFAULT, F_RULES = range(3)
 # dnat rows: proto, addr (-1 any), port lo, port hi, to addr, to port (-1: kept)
 # static rows: inside, outside
 
@@ -462,15 +476,14 @@ def _alloc(mkeys, mvals, mstate, mbucket, mexp, minfo, mkey, zone, proto, h, hp,
 
 
 @kernel
-def _filter(rules, cfg, events, inp, proto, src, dst, sport, dport, itype):
-    """The filter's action (firewall ALLOW, DENY, REJECT) for a new connection seen
-    from the inside (``dst``, ``dport``: after destination translation); counts the
-    hit."""
+def _filter(rules, cfg, fev, fb, inp, proto, src, dst, sport, dport, itype):
+    """The filter's action (firewall ALLOW, DENY, REJECT) for a new connection;
+    counts the hit in ``fev`` (``fb``: the indices of its counters, ``F_*``)."""
     j = match_rule(rules, inp, proto, src, dst, sport, dport, itype)
     if j >= 0:
-        events[C_FRULES + rules[j, R_RULE]] += 1
+        fev[fb[F_RULES] + rules[j, R_RULE]] += 1
         return rules[j, R_ACTION]
-    events[C_FDEFAULT] += 1
+    fev[fb[F_DEFAULT]] += 1
     return cfg[G_FDEFAULT]
 
 
@@ -552,21 +565,24 @@ def _extend(keys, vals, state, expires, info, mkeys, mstate, mexp, minfo, key2, 
 
 
 @kernel
-def _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, da, dp):
+def _filter_new(rules, cfg, fev, fb, pkt, l4, inp, proto, sa, sp, da, dp):
     """:func:`_filter` for a new tracked connection (ICMP: its type, no ports)."""
     if proto == L.PROTO_ICMP:
-        return _filter(rules, cfg, events, inp, proto, sa, da, 0, 0, i64(pkt[l4]))
-    return _filter(rules, cfg, events, inp, proto, sa, da, sp, dp, -1)
+        return _filter(rules, cfg, fev, fb, inp, proto, sa, da, 0, 0, i64(pkt[l4]))
+    return _filter(rules, cfg, fev, fb, inp, proto, sa, da, sp, dp, -1)
 
 
 @kernel
 def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals, mstate,
               mbucket, mexp, minfo, key, key2, mkey, pool, pool_h, static, dnat, cfg,
-              mask, a_is_src, timeouts, events, now, c, rules):
+              mask, a_is_src, timeouts, events, now, c, rules, fev, fb):
     """Create the connection of a NEW packet and decide its translation (and rewrite
     the packet); ``c``: E1's candidate slot (:func:`dva.nf.conntrack.ct_create`).
-    ``rules``: the filter's (``cfg[G_FILTER]``), applied before any allocation.
-    Returns (E1 slot, note), or (-1 - drop reason, 0)."""
+    ``rules``: the filter's (``cfg[G_FILTER]``), applied before any entry is made
+    (:data:`FILTER_OWN`: as the inside sees the connection; :data:`FILTER_FRONT`: as
+    a firewall in front of the inside port sees it, the hairpinned connection a
+    second time as it comes back from the NAT). Returns (E1 slot, note), or (-1 -
+    drop reason, 1 if the hairpinned connection's second check refused it else 0)."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
     l3 = row[L.L3_OFF]
@@ -588,7 +604,9 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
                 outp = 0
                 note = N_HAIRPIN
         if cfg[G_FILTER]:
-            action = _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, nda, ndp)
+            # own filter: the inside target; a firewall in front: the packet as it is
+            fda, fdp = (nda, ndp) if cfg[G_FILTER] == FILTER_OWN else (da, dp)
+            action = _filter_new(rules, cfg, fev, fb, pkt, l4, inp, proto, sa, sp, fda, fdp)
             if action != ALLOW:
                 return -1 - (D_DENIED if action == DENY else D_REJECTED), 0
         st = _static_of(static, 0, sa)
@@ -603,11 +621,17 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
                 return -1 - D_TABLE_FULL, 0
         if note != N_HAIRPIN and (nsa != sa or nsp != sp):
             note = N_SNAT
+        if note == N_HAIRPIN and cfg[G_FILTER] == FILTER_FRONT:
+            # the firewall in front sees the hairpinned connection come back from
+            # the NAT's inside port, translated both ways
+            action = _filter_new(rules, cfg, fev, fb, pkt, l4, 1, proto, nsa, nsp, nda, ndp)
+            if action != ALLOW:
+                return -1 - (D_DENIED if action == DENY else D_REJECTED), 1
     else:
         nda, ndp = _inbound_target(mkeys, mvals, mstate, mexp, minfo, mkey, pool, static,
                                    dnat, cfg[G_EIF] != 0, zone, proto, da, dp, now)
         if cfg[G_FILTER]:
-            action = _filter_new(rules, cfg, events, pkt, l4, inp, proto, sa, sp, nda, ndp)
+            action = _filter_new(rules, cfg, fev, fb, pkt, l4, inp, proto, sa, sp, nda, ndp)
             if action != ALLOW:
                 return -1 - (D_DENIED if action == DENY else D_REJECTED), 0
         if nda != da or ndp != dp:
@@ -654,7 +678,16 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
 
 
 @kernel
-def _filter_untracked(rules, cfg, events, data, row):
+def _e1_live(keys, vals, state, expires, info, key2, e2, zone, now):
+    """Whether the connection whose E2 is ``e2`` still lives (its E1)."""
+    os_, osp, od, odp, _, _, _, _ = conn_tuples(keys, vals, e2)
+    ct_make_key(key2, zone, (keys[e2, 1] >> 32) & 0xFF, os_, osp, od, odp)
+    e1 = tbl_lookup(keys, state, expires, info, key2, now)
+    return e1 >= 0 and entry_kind(vals, e1) == KIND_ORIG
+
+
+@kernel
+def _filter_untracked(rules, cfg, fev, fb, data, row):
     """:func:`_filter` for a packet conntrack does not track (judged as it is)."""
     s = row[L.START]
     pkt = data[row[L.SLOT], s:s + row[L.LEN]]
@@ -663,20 +696,21 @@ def _filter_untracked(rules, cfg, events, data, row):
     proto = row[L.PROTO]
     sport, dport = l4_ports(pkt, l4, proto)
     itype = i64(pkt[l4]) if proto == L.PROTO_ICMP else -1
-    return _filter(rules, cfg, events, row[L.IN_PORT], proto, rd32(pkt, l3 + 12),
+    return _filter(rules, cfg, fev, fb, row[L.IN_PORT], proto, rd32(pkt, l3 + 12),
                    rd32(pkt, l3 + 16), sport, dport, itype)
 
 
 @kernel
-def _refuse(data, free, top, meta, i, total, headroom, events, reason):
+def _refuse(data, free, top, meta, i, total, headroom, fev, fb, reason, again):
     """Drop row ``i`` for the filter (``D_DENIED`` or ``D_REJECTED``, which appends
-    the answer); returns the row count."""
+    the answer); ``again``: by the second check of a hairpinned connection (noted
+    apart). Returns the row count."""
     if reason == D_REJECTED:
-        total = send_reject(data, free, top, meta, i, total, headroom, events, C_FRST,
-                            N_REPLY)
-        meta[i, L.NOTE] = N_REJECTED
+        total = send_reject(data, free, top, meta, i, total, headroom, fev, fb[F_RST],
+                            N_HP_REPLY if again else N_REPLY)
+        meta[i, L.NOTE] = N_HP_REJECTED if again else N_REJECTED
     else:
-        meta[i, L.NOTE] = N_DENIED
+        meta[i, L.NOTE] = N_HP_DENIED if again else N_DENIED
     meta[i, L.VERDICT] = drop_code(reason)
     return total
 
@@ -684,11 +718,12 @@ def _refuse(data, free, top, meta, i, total, headroom, events, reason):
 @kernel
 def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals, state,
                bucket, expires, info, mkeys, mvals, mstate, mbucket, mexp, minfo, key, key2,
-               mkey, hints, pool, pool_h, static, dnat, cfg, rules, timeouts, events, flags):
+               mkey, hints, pool, pool_h, static, dnat, cfg, rules, fev, fb, timeouts, events,
+               flags):
     """Decide and translate rows [0, n); append the filter's reject answers. Returns
     the row count; ``flags[0]``: bit 0, the connection table wants a rebuild
     (:func:`dva.nf.conntrack.ct_sweep`), bit 1 the mapping table (tombstones fill a
-    quarter of it)."""
+    quarter of it). ``fev``/``fb``: where the filter counts (:func:`_filter`)."""
     total = n
     expired_before = info[I_EXPIRED]
     ct_prefetch_ctrl(state, info, key, data, meta, n, hints)
@@ -724,6 +759,12 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
         r, e, d = ct_classify_at(keys, state, vals, expires, info, key, data, row, events,
                                  0, now, hints[i])
         if r == RELATED:
+            if entry_kind(vals, e) == KIND_XLAT and not _e1_live(
+                    keys, vals, state, expires, info, key2, e, row[L.TENANT], now):
+                # E2 outlives its connection a little (SLACK): the error is about
+                # a connection that is gone
+                row[L.VERDICT] = drop_code(D_INVALID)
+                continue
             row[L.VERDICT] = icmp_error_xlat(data, row, keys, vals, e)
             row[L.NOTE] = N_ICMP
             events[C_ICMP_XLATE] += 1
@@ -733,10 +774,10 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
             continue
         if r == UNTRACKED:
             if cfg[G_FILTER]:
-                action = _filter_untracked(rules, cfg, events, data, row)
+                action = _filter_untracked(rules, cfg, fev, fb, data, row)
                 if action != ALLOW:
-                    total = _refuse(data, free, top, meta, i, total, headroom, events,
-                                    D_DENIED if action == DENY else D_REJECTED)
+                    total = _refuse(data, free, top, meta, i, total, headroom, fev, fb,
+                                    D_DENIED if action == DENY else D_REJECTED, 0)
                     continue
             row[L.VERDICT] = 1 - inp
             row[L.NOTE] = N_PLAIN
@@ -799,10 +840,11 @@ def nat_kernel(data, free, top, headroom, meta, n, mask, now, sweep, keys, vals,
         e, note = _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys,
                             mvals, mstate, mbucket, mexp, minfo, key, key2, mkey, pool,
                             pool_h, static, dnat, cfg, mask, d, timeouts, events, now,
-                            hints[i], rules)
+                            hints[i], rules, fev, fb)
         if e < 0:
             if -1 - e == D_DENIED or -1 - e == D_REJECTED:
-                total = _refuse(data, free, top, meta, i, total, headroom, events, -1 - e)
+                total = _refuse(data, free, top, meta, i, total, headroom, fev, fb, -1 - e,
+                                note)
             else:
                 row[L.VERDICT] = drop_code(-1 - e)
             continue
@@ -841,6 +883,7 @@ class Nat(Device):
                              config.hairpin, sn is not None, f is not None,
                              ACTIONS[f.default] if f else 0], np.int64)
         self.rules = compile_rules(f.rules if f else [], config.ports)
+        self.fbase = np.array([C_FRST, C_FDEFAULT, C_FRULES], np.int64)
         if f is not None:
             self.max_emit = 1  # a reject answer per input row
             self.counters = CT_EVENTS + EVENTS + FILTER_EVENTS + tuple(
@@ -874,7 +917,8 @@ class Nat(Device):
         return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, m.keys, m.vals,
                 m.state, m.bucket, m.expires, m.info, state.ct.key, state.key2, state.mkey,
                 hints, self.pool, self.pool_h, self.static, self.dnat, self.cfg,
-                self.rules, self.timeouts, state.events, state.flags), len(hints)
+                self.rules, state.events, self.fbase, self.timeouts, state.events,
+                state.flags), len(hints)
 
     def process(self, batch, state: NatState, now: float) -> None:
         call, args = state.bound(self, nat_kernel, self._bind, batch.n)
