@@ -17,10 +17,10 @@ from dva.worker.engine import Engine
 class Rig:
     """An engine over one appliance, fed frame lists; checks accounting every step."""
 
-    def __init__(self, text: str, slots: int = 512) -> None:
+    def __init__(self, text: str, slots: int = 512, fuse: bool = True) -> None:
         self.plan = compile_plan(parse_appliance(text))
         self.pool = PacketPool(slots)
-        self.engine = Engine(self.plan, self.pool)
+        self.engine = Engine(self.plan, self.pool, fuse=fuse)
         self.names = [a.port for a in self.plan.attachments]
 
     @property

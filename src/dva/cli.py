@@ -465,7 +465,8 @@ def trace(file: str, inport: str, packets: tuple[str, ...], now: float) -> None:
         except SpecError as e:
             err.print(f"error: --packet {s!r}: {e}", markup=False)
             sys.exit(2)
-    with OfflineRunner(app, open_files=False) as r:
+    # device by device: a firewall and NAT that would run fused run apart here
+    with OfflineRunner(app, open_files=False, fuse=False) as r:
         tr = Tracer(r.plan)
         r.engine.tracer = tr
         di = r.plan.device_index(dev)

@@ -50,13 +50,14 @@ class OfflineRunner:
                  hop_limit: int = DEFAULT_HOP_LIMIT, nbuckets: int = 4096,
                  pool_slots: int = 16384, memory: dict[str, MemoryPort] | None = None,
                  open_files: bool = True, state_dir: str | None = None,
-                 say=None) -> None:
+                 say=None, fuse: bool = True) -> None:
         if batch_size <= 0:
             raise ValueError("batch size must be positive")
         self.app = app
         self.plan: Plan = compile_plan(app)
         self.pool = PacketPool(pool_slots)
-        self.engine = Engine(self.plan, self.pool, nbuckets=nbuckets, hop_limit=hop_limit)
+        self.engine = Engine(self.plan, self.pool, nbuckets=nbuckets, hop_limit=hop_limit,
+                             fuse=fuse)
         self.batch_size = batch_size
         self.window = window
         self.ingress_drops = np.zeros((len(self.plan.attachments), len(INGRESS_DROPS)),

@@ -51,6 +51,12 @@ Changing the rules (a new config generation) keeps existing connections: the sta
 moves to the new device whole (``export_flows``/``import_flows``); ``flush: true`` in
 the new config drops them instead (every connection must then pass the new rules).
 
+A firewall whose port is linked straight to a NAT's inside port runs fused with it
+(:mod:`dva.worker.fused`): the NAT's one connection table and pass, these rules
+judging each new connection as this device would, the counters kept as the two
+devices' (the conntrack ones but for the NAT's); the module says when a pair is not
+fused.
+
 State (:class:`FirewallState`): the connection table (flow state, by bucket).
 Counters: ``conntrack.CT_EVENTS``, then ``rst_sent``, ``icmp_sent``,
 ``pool_exhausted``, ``default_hits``, and ``ruleN_hits`` for rule N (1-based).

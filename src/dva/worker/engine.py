@@ -38,6 +38,7 @@ from dva.packet.batch import PacketBatch, row_copy
 from dva.packet.parse import parse_batch
 from dva.packet.pool import PacketPool, pool_copy, pool_release
 from dva.packet.steer import alias_buckets, plan_aliases
+from dva.worker.fused import FW_REASON, account, find_pairs, to_fused_ports
 
 DEFAULT_HOP_LIMIT = 16
 # device counter slots besides rx/tx/drops; "invalid" are verdicts the engine could
@@ -205,7 +206,7 @@ class Engine:
 
     def __init__(self, plan: Plan, pool: PacketPool, *, tenant_id: int = 0,
                  nbuckets: int = 4096, hop_limit: int = DEFAULT_HOP_LIMIT,
-                 states: list[DeviceState] | None = None) -> None:
+                 states: list[DeviceState] | None = None, fuse: bool = True) -> None:
         if nbuckets <= 0 or nbuckets & (nbuckets - 1):
             raise ValueError(f"bucket count must be a power of two, not {nbuckets}")
         if hop_limit < 1:
@@ -223,6 +224,15 @@ class Engine:
         for st in self.states:  # devices that choose flow buckets (nat) need the count
             st.bucket_mask = self.bucket_mask
         self.counters = [DeviceCounters.for_device(d) for d in plan.devices]
+        # a firewall linked straight to a NAT's inside runs with it, one table
+        # (dva.worker.fused); ``fused_of[d]``: the pair device d belongs to
+        self.fuse = fuse
+        self.fused, self.unfused = find_pairs(plan) if fuse else ([], [])
+        self.fused_of = [None] * plan.ndev
+        for fp in self.fused:
+            self.fused_of[fp.fw] = self.fused_of[fp.nat] = fp
+            fp.scratch = DeviceCounters(np.zeros(2, np.int64), np.zeros(2, np.int64),
+                                        np.zeros(len(fp.nat_dev.drop_reasons), np.int64))
         nattach = len(plan.attachments)
         self.attach_rx = np.zeros(nattach, np.int64)
         self.attach_tx = np.zeros(nattach, np.int64)
@@ -308,6 +318,13 @@ class Engine:
                 self.plan.dest_port[d], self.plan.ndev, self.nq, self.hop_limit, c.tx,
                 c.drops, c.misc, self.graph_drops, self.sr, self.sp, self.ss, self.sq,
                 self.out, self.qstart)
+        for fp in self.fused:
+            b.n = 0
+            to_fused_ports(meta, 0, 0)
+            fp.process(b, self.states[fp.nat], self.states[fp.fw], 0.0)
+            cf, cn = self.counters[fp.fw], self.counters[fp.nat]
+            account(meta, 0, 0, fp.outer, fp.link, FW_REASON, cf.rx, cf.tx, cf.drops,
+                    cf.misc, cn.rx, cn.tx, cn.drops, cn.misc)
 
     def tick(self, now: float, devices: list[int] | None = None) -> list[PacketBatch]:
         """Let devices that act on time alone (``Device.ticks``; only those among
@@ -315,7 +332,8 @@ class Engine:
         :meth:`process`."""
         outputs = self._fresh_outputs()
         ticking = [d for d, dev in enumerate(self.plan.devices) if dev.ticks
-                   and (devices is None or d in devices)]
+                   and (devices is None or d in devices)
+                   and (self.fused_of[d] is None or self.fused_of[d].nat == d)]
         if ticking:
             self._drain(ticking, outputs, now, ticking=True)
         return outputs
@@ -332,24 +350,41 @@ class Engine:
             if b.n == 0 and not (ticking and plan.devices[d].ticks):
                 continue
             dev = plan.devices[d]
+            fp = self.fused_of[d]
             n_in = b.n
-            b.ensure_capacity(n_in * (1 + dev.max_emit) + dev.emit_reserve)
-            c = self.counters[d]
-            count_rx(b.meta, n_in, c.rx, DROP_BASE - len(dev.drop_reasons))
-            dev.process(b, self.states[d], now)
+            if fp is None:
+                b.ensure_capacity(n_in * (1 + dev.max_emit) + dev.emit_reserve)
+                c = self.counters[d]
+                dest_q, dest_port = plan.dest_q[d], plan.dest_port[d]
+                count_rx(b.meta, n_in, c.rx, DROP_BASE - len(dev.drop_reasons))
+                dev.process(b, self.states[d], now)
+            else:
+                b.ensure_capacity(n_in * (1 + fp.max_emit))
+                c = fp.scratch
+                dest_q, dest_port = fp.dest_q, fp.dest_port
+                to_fused_ports(b.meta, n_in, 0 if d == fp.fw else 1)
+                count_rx(b.meta, n_in, c.rx, DROP_BASE - len(fp.nat_dev.drop_reasons))
+                fp.process(b, self.states[fp.nat], self.states[fp.fw], now)
             if b.n > n_in:
                 finish_generated(self.pool.data, b.meta, n_in, b.n, self.tenant_id,
                                  self.bucket_mask, self.alias)
             if self.tracer is not None:
                 self.tracer(d, b, n_in)
+            if fp is not None:
+                cf, cn = self.counters[fp.fw], self.counters[fp.nat]
+                account(b.meta, n_in, b.n, fp.outer, fp.link, FW_REASON, cf.rx, cf.tx,
+                        cf.drops, cf.misc, cn.rx, cn.tx, cn.drops, cn.misc)
+                invalid = int(c.misc[C_INVALID])
             worst = b.n * max(1, len(dev.ports))
             if worst > self.sr.shape[0]:
                 self._scratch(2 * worst)
             k = self._route.target(
                 self.pool.data, self.pool.free, self.pool.top, b.meta, n_in, b.n,
-                plan.dest_q[d], plan.dest_port[d], ndev, self.nq, self.hop_limit, c.tx,
+                dest_q, dest_port, ndev, self.nq, self.hop_limit, c.tx,
                 c.drops, c.misc, self.graph_drops, self.sr, self.sp, self.ss, self.sq,
                 self.out, self.qstart)
+            if fp is not None:  # a verdict the engine could not honour: the NAT's bug
+                self.counters[fp.nat].misc[C_INVALID] += int(c.misc[C_INVALID]) - invalid
             b.n = 0
             if k == 0:
                 continue

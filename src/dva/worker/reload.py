@@ -47,6 +47,7 @@ from dva.nf.table import TableFull
 from dva.packet.batch import PacketBatch
 from dva.packet.pool import PacketPool
 from dva.worker.engine import DeviceCounters, Engine
+from dva.worker.fused import seed_firewall
 
 HOLD_DRAIN = 1.0  # seconds the old generation may take to release held packets
 # A tick this far in the future is past any hold limit (the router's arp_hold is at
@@ -121,9 +122,9 @@ def prepare(app: Appliance, old: Engine) -> Engine:
         raise ReloadRejected("attachments cannot change while running (restart dva run "
                              "for that)", problems)
     engine = Engine(plan, old.pool, tenant_id=old.tenant_id,
-                    nbuckets=old.bucket_mask + 1, hop_limit=old.hop_limit)
+                    nbuckets=old.bucket_mask + 1, hop_limit=old.hop_limit, fuse=old.fuse)
     Engine(plan, PacketPool(256), tenant_id=old.tenant_id, nbuckets=old.bucket_mask + 1,
-           hop_limit=old.hop_limit).warm()
+           hop_limit=old.hop_limit, fuse=old.fuse).warm()
     return engine
 
 
@@ -169,7 +170,26 @@ def carry_state(old: Engine, new: Engine, now: float, report: SwapReport | None 
         if odev.ports != dev.ports and src.shared_tables:
             report.problems.append(f"{dev.name}: ports changed: its shared tables "
                                    f"({', '.join(src.shared_tables)}) start empty")
+    _unfuse(old, new, now, report)
     return report
+
+
+def _unfuse(old: Engine, new: Engine, now: float, report: SwapReport) -> None:
+    """A firewall that ran fused with its NAT (dva.worker.fused) and now runs alone
+    gets the NAT's connections, so that none of them is cut."""
+    still = {(new.plan.devices[p.fw].name, new.plan.devices[p.nat].name) for p in new.fused}
+    for p in old.fused:
+        fw, nat = old.plan.devices[p.fw].name, old.plan.devices[p.nat].name
+        if (fw, nat) in still or fw not in report.state_kept or nat not in report.state_kept:
+            continue
+        f, n = new.plan.device_index(fw), new.plan.device_index(nat)
+        if new.plan.devices[f].type_name != "firewall" or new.plan.devices[n].type_name != "nat":
+            continue
+        try:
+            seed_firewall(new.states[f], new.states[n], now)
+        except TableFull as e:
+            report.problems.append(f"{fw}: the connections it ran fused with {nat} did "
+                                   f"not all fit its table ({e})")
 
 
 def release_held(old: Engine, now: float, report: SwapReport | None = None) -> SwapReport:

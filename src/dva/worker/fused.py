@@ -1,0 +1,248 @@
+"""A firewall in front of a NAT, run as one pass over one connection table.
+
+The edge of an appliance is often a firewall whose port is linked straight to a NAT's
+inside port (ARCHITECTURE.md's example: ``[fw.outside, nat.inside]``). Run as two
+devices, every packet is looked up in two connection tables of the same
+connections: the firewall's entry of a connection and the NAT's original-direction
+entry (E1) have the same key, the tuple as the inside sees it. With a million
+connections each lookup is a miss in memory, and the pair runs at about two thirds
+of one NAT's rate (docs/benchmarks.md). So the engine runs such a pair as Linux
+runs its filter and NAT chains: one connection entry per connection, looked up once,
+whose first packet the firewall's rules judge. The NAT's kernel does it
+(:data:`dva.nf.nat.FILTER_FRONT`): the rules are the firewall's, matched as the
+firewall sees each new connection (from the inside: before any translation; from
+the outside: after destination translation; a hairpinned connection twice, out and
+back in), counted in the firewall's counters, before the NAT makes any entry.
+
+What stays as it was: the appliance (both devices, their names, ports and configs),
+the packets each attachment sends (:mod:`tests.unit.test_fused` runs the same traces
+through the pair fused and as two devices and compares every output byte), and the
+counters: :func:`account` counts each packet's path through the two devices as the
+separate pair would (the firewall's rx, tx and drops, the link between them, the
+NAT's), and rule hits and reject answers go to the firewall's counters.
+What differs, and is said here: the firewall's own conntrack counters
+(``flows_created`` ...) stay 0 (the NAT's count the one table's events); a
+connection the firewall refuses leaves no NAT entry or ``dnat_flows`` count (as
+two devices, the NAT had made them before the firewall refused); a connection the
+NAT cannot map is not kept by the firewall either (its rule hit counts again at the
+next packet); and the firewall's table stays empty (the NAT's holds the
+connections, and moves with its buckets).
+
+A pair is fused only where that is exact: the firewall's ``fragments`` and
+``invalid`` are ``drop`` (its verdicts are then the NAT's conntrack's), its timeouts
+are the NAT's, its ``max_flows`` is at least twice the NAT's (it never fills before
+the NAT, whose table holds up to two entries a connection), and the NAT has no
+``filter`` of its own. :func:`blockers` says why a linked pair is not fused. A
+config reload that ends a fusion fills the firewall's table from the NAT's
+connections (:func:`seed_firewall`), so that no open connection is cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dva._jit import kernel
+from dva.graph.plan import Plan
+from dva.nf import firewall as fwm
+from dva.nf import nat as natm
+from dva.nf.base import DROP_BASE, Device, DeviceState
+from dva.nf.conntrack import KEY_WORDS, SWEEP_BATCH, SWEEP_TICK
+from dva.nf.xlat import KIND_ORIG, U_META
+from dva.packet import layout as L
+
+C_EMITTED, C_INVALID = 0, 3  # dva.worker.engine's misc counter slots
+
+# the firewall's drop reason for each of the NAT's (-1: the NAT's alone)
+FW_REASON = np.array([fwm.DROPS.index(r) if r in fwm.DROPS else -1
+                      for r in natm.DROPS], np.int64)
+
+
+def blockers(fw: Device, nat: Device) -> list[str]:
+    """Why firewall ``fw`` (one port linked to the inside port of ``nat``) cannot run
+    fused with it; empty: it can."""
+    fc, nc = fw.config, nat.config
+    out = []
+    if nc.filter is not None:
+        out.append("the NAT has a filter of its own")
+    if fc.fragments != "drop":
+        out.append("the firewall passes fragments")
+    if fc.invalid != "drop":
+        out.append("the firewall passes invalid packets")
+    if not np.array_equal(fw.timeouts, nat.timeouts):
+        out.append("their timeouts differ")
+    if fc.max_flows < 2 * nc.max_flows:
+        out.append("the firewall's max_flows is less than twice the NAT's")
+    return out
+
+
+@dataclass(eq=False)
+class FusedPair:
+    """Firewall ``fw`` (device index) whose port ``link`` is linked to the inside port
+    of NAT ``nat``; ``outer``: the firewall's other port. The fused pass's ports are
+    0 (the firewall's ``outer``) and 1 (the NAT's outside)."""
+
+    fw: int
+    nat: int
+    outer: int
+    link: int
+    fw_dev: Device
+    nat_dev: Device
+    rules: np.ndarray = field(init=False)
+    cfg: np.ndarray = field(init=False)
+    fbase: np.ndarray = field(init=False)
+    dest_q: np.ndarray = field(init=False)
+    dest_port: np.ndarray = field(init=False)
+    max_emit: int = 1  # the firewall's reject answers
+    emit_reserve: int = 0
+
+    def __post_init__(self) -> None:
+        fc = self.fw_dev.config
+        names = [fc.ports[self.outer], fc.ports[self.link]]
+        self.rules = fwm.compile_rules(fc.rules, names)
+        self.cfg = self.nat_dev.cfg.copy()
+        self.cfg[natm.G_FILTER] = natm.FILTER_FRONT
+        self.cfg[natm.G_FDEFAULT] = fwm.ACTIONS[fc.default]
+        self.fbase = np.array([fwm.C_RST, fwm.C_DEFAULT, fwm.C_RULES], np.int64)
+
+    def route(self, plan: Plan) -> None:
+        self.dest_q = np.array([plan.dest_q[self.fw][self.outer],
+                                plan.dest_q[self.nat][1]], np.int64)
+        self.dest_port = np.array([plan.dest_port[self.fw][self.outer],
+                                   plan.dest_port[self.nat][1]], np.int64)
+
+    def _bind(self, state: DeviceState, fw_state: DeviceState, rows: int):
+        t, m = state.ct.table, state.maps
+        hints = state.scratch(rows, "hints")
+        n = self.nat_dev
+        return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, m.keys, m.vals,
+                m.state, m.bucket, m.expires, m.info, state.ct.key, state.key2, state.mkey,
+                hints, n.pool, n.pool_h, n.static, n.dnat, self.cfg, self.rules,
+                fw_state.events, self.fbase, n.timeouts, state.events,
+                state.flags), len(hints)
+
+    def process(self, batch, state, fw_state, now: float) -> None:
+        """The NAT's kernel over ``batch`` (rows' ``IN_PORT`` in the fused numbering)
+        with the firewall's rules in front."""
+        call, args = state.bound(self, natm.nat_kernel,
+                                 lambda st, rows: self._bind(st, fw_state, rows), batch.n)
+        pool = batch.pool
+        batch.n = call.target(pool.data, pool.free, pool.top, pool.headroom, batch.meta,
+                              batch.n, state.bucket_mask, float(now),
+                              SWEEP_BATCH if batch.n else SWEEP_TICK, *args)
+        rebuild = state.flags[0]
+        if rebuild:
+            state.ct.after_batch(rebuild & 1, state.events, now)
+            if rebuild & 2:
+                state.maps.rebuild(now)
+
+
+def find_pairs(plan: Plan) -> tuple[list[FusedPair], list[str]]:
+    """The firewall/NAT pairs of ``plan`` that run fused, and for each linked pair
+    that does not, why (``"fw -> nat: reason; ..."``)."""
+    pairs, why = [], []
+    taken: set[int] = set()
+    for f, dev in enumerate(plan.devices):
+        if dev.type_name != "firewall":
+            continue
+        for p in range(2):
+            n = int(plan.dest_q[f][p])
+            if not 0 <= n < plan.ndev or plan.devices[n].type_name != "nat" \
+                    or plan.dest_port[f][p] != 0 or n in taken:
+                continue
+            if int(plan.dest_q[f][1 - p]) == n:
+                continue  # both ports to the NAT: no outer port
+            b = blockers(dev, plan.devices[n])
+            if b:
+                why.append(f"{dev.name} -> {plan.devices[n].name}: {'; '.join(b)}")
+                continue
+            pair = FusedPair(f, n, 1 - p, p, dev, plan.devices[n])
+            pair.route(plan)
+            pairs.append(pair)
+            taken.add(n)
+    return pairs, why
+
+
+@kernel
+def to_fused_ports(meta, n, port):
+    """Rows that arrived on the fused pass's port ``port``."""
+    for i in range(n):
+        meta[i, L.IN_PORT] = port
+
+
+@kernel
+def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, rx_n,
+            tx_n, drops_n, misc_n):
+    """Count rows [0, n) of a fused pass as the two devices would have: each row's
+    path from its in-port (0: the firewall's ``outer`` port, 1: the NAT's outside)
+    through the firewall, the link, the NAT (and back, hairpinned) to its verdict;
+    rows [n_in, n) are the firewall's reject answers. A verdict the engine will not
+    honour (a bug) is the NAT's: it counts it as invalid."""
+    nreasons = drops_n.shape[0]
+    for i in range(n_in):
+        row = meta[i]
+        v = row[L.VERDICT]
+        note = row[L.NOTE]
+        r = DROP_BASE - v if v < 0 else -1
+        if r >= nreasons:
+            r = -1
+        if row[L.IN_PORT] == 0:
+            rx_f[outer] += 1
+            fw_r = fw_reason[r] if r >= 0 else -1
+            if fw_r >= 0 and note != natm.N_HP_DENIED and note != natm.N_HP_REJECTED \
+                    and r != natm.D_TABLE_FULL:
+                drops_f[fw_r] += 1  # the firewall's, before the link
+                continue
+            tx_f[link] += 1
+            rx_n[0] += 1
+            if v == 0 or v == 1:
+                tx_n[v] += 1
+                if v == 0:  # hairpinned: back through the firewall
+                    rx_f[link] += 1
+                    tx_f[outer] += 1
+            elif fw_r >= 0 and r != natm.D_TABLE_FULL:  # the hairpin's second check
+                tx_n[0] += 1
+                rx_f[link] += 1
+                drops_f[fw_r] += 1
+            elif r >= 0:
+                drops_n[r] += 1
+        else:
+            rx_n[1] += 1
+            if v == 0 or v == 1:
+                tx_n[v] += 1
+                if v == 0:
+                    rx_f[link] += 1
+                    tx_f[outer] += 1
+            elif r == natm.D_DENIED or r == natm.D_REJECTED:  # the firewall's rules
+                tx_n[0] += 1
+                rx_f[link] += 1
+                drops_f[fw_reason[r]] += 1
+            elif r >= 0:
+                drops_n[r] += 1
+    for i in range(n_in, n):  # the firewall's reject answers
+        misc_f[C_EMITTED] += 1
+        if meta[i, L.NOTE] == natm.N_HP_REPLY:  # out the link, hairpinned back
+            tx_f[link] += 1
+            rx_n[0] += 1
+            tx_n[0] += 1
+            rx_f[link] += 1
+            tx_f[outer] += 1
+        elif meta[i, L.VERDICT] == 0:
+            tx_f[outer] += 1
+        else:  # out the link, through the NAT to its outside
+            tx_f[link] += 1
+            rx_n[0] += 1
+            tx_n[1] += 1
+
+
+def seed_firewall(fw_state: DeviceState, nat_state: DeviceState, now: float) -> int:
+    """Put the NAT's connections (its E1 entries: the tuple as the inside sees it)
+    into the firewall's table, for a firewall that ran fused with the NAT and now
+    runs alone; returns how many. The firewall's rule of each is unknown (0)."""
+    e = nat_state.ct.table.take_entries(np.arange(nat_state.bucket_mask + 1), now)
+    r = e["records"]
+    vw = int(e["words"][1])
+    vals = r[:, 2 + KEY_WORDS:2 + KEY_WORDS + vw]
+    keep = (vals[:, U_META] & 1) == KIND_ORIG
+    return fw_state.ct.table.put_entries({"records": r[keep], "words": e["words"]}, now)
