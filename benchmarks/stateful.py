@@ -38,6 +38,10 @@ steps' (about 5% less for ``natf_est``, docs/benchmarks.md).
   holds the firewall's rule (``default: deny``, allow from inside): the same policy
   as the chain, with one connection entry and one lookup per packet instead of two.
   Compare with ``fw_nat_est`` / ``fw_nat_reply``, measured in the same runs.
+* ``fw_nat_fused_est`` / ``fw_nat_fused_reply`` -- the chain (firewall + NAT, two
+  devices, the firewall's ``max_flows`` twice the NAT's) as the engine runs it:
+  fused (``dva.worker.fused``), the NAT's pass with the firewall's rules, then the
+  pass that counts each packet as the two devices' (``account``).
 
 * ``mem_pace`` -- the machine's memory pace during the same runs: the first lines
   of random records of the filtering NAT's table (a 1 GiB array at 1M flows), read
@@ -176,8 +180,9 @@ def build(flows: int):
     from dva.packet.build import UDP, Eth, IPv4
     from dva.packet.parse import parse_batch
     from dva.packet.pool import PacketPool
+    from dva.worker.fused import FW_REASON, MIRROR, find_pairs
 
-    app = parse_appliance(f"""
+    app_text = f"""
 appliance: bench
 devices:
   fw:
@@ -194,8 +199,8 @@ links: [[fw.outside, nat.inside]]
 attach:
   fw.inside: {{memory: in}}
   nat.outside: {{memory: out}}
-""")
-    plan = compile_plan(app)
+"""
+    plan = compile_plan(parse_appliance(app_text))
     fw, nat = plan.devices
     fws, nats = fw.new_state(), nat.new_state()
     (natf,) = compile_plan(parse_appliance(f"""
@@ -212,6 +217,29 @@ attach:
   natf.outside: {{memory: out}}
 """)).devices
     natfs = natf.new_state()
+    # the same chain as the engine runs it: fused (dva.worker.fused), which takes a
+    # firewall whose max_flows is at least twice the NAT's (its own table stays empty)
+    fplan = compile_plan(parse_appliance(app_text.replace(
+        f"max_flows: {flows + 16}\n  nat:", f"max_flows: {2 * (flows + 16)}\n  nat:")))
+    (pair,), _ = find_pairs(fplan)
+    ffws, fnats = (d.new_state() for d in fplan.devices)
+    fcount = [np.zeros(2, np.int64) for _ in range(4)] + [
+        np.zeros(len(d.drop_reasons), np.int64) for d in fplan.devices]
+
+    class Fused:
+        """The fused pair as the engine runs it: the NAT's pass with the firewall's
+        rules, then the two devices' counters."""
+        name = "fw+nat (fused)"
+
+        def process(self, b, _st, now):
+            pair.process(b, fnats, ffws, now)
+            rx_f, tx_f, rx_n, tx_n, drops_f, drops_n = fcount
+            pair.account.target(b.meta, b.n, b.n, pair.outer, pair.link, FW_REASON, rx_f,
+                                tx_f, drops_f, misc, rx_n, tx_n, drops_n, misc, ffws.events,
+                                fnats.events, pair.seen, MIRROR)
+
+    misc = np.zeros(4, np.int64)
+    fused = Fused()
     pool = PacketPool(4 * BATCH)
     b = PacketBatch(pool, BATCH)
     tmpl = bytes(Eth(src="02:00:00:00:00:05", dst="02:00:00:00:00:01")
@@ -334,11 +362,13 @@ attach:
     for k in range(0, flows, BATCH):
         run_batch([(fw, fws), (nat, nats)], k, ids, 1.0)
         run_batch([(natf, natfs)], k, ids, 1.0)
+        run_batch([(fused, None)], k, ids, 1.0)
     fill_s = time.perf_counter() - t0
 
     tup = e1_tuples(nats.ct.table, flows, SERVER)  # each flow's NAT address, port
-    if not np.array_equal(tup, e1_tuples(natfs.ct.table, flows, SERVER)):
-        raise AssertionError("the filtering NAT mapped the flows otherwise")
+    if not np.array_equal(tup, e1_tuples(natfs.ct.table, flows, SERVER)) or \
+            not np.array_equal(tup, e1_tuples(fnats.ct.table, flows, SERVER)):
+        raise AssertionError("the filtering NAT or the fused pair mapped the flows otherwise")
     mapped = (tup[:, 4] << 16) | tup[:, 5]
     mapped_in_order = mapped[order]
     # every flow's first reply (it changes the connection's state and timeout, and
@@ -346,6 +376,7 @@ attach:
     for k in range(0, flows, BATCH):
         run_batch([(nat, nats), (fw, fws)], k, order, 2.0, reply=True)
         run_batch([(natf, natfs)], k, order, 2.0, reply=True)
+        run_batch([(fused, None)], k, order, 2.0, reply=True)
     ct = fresh_ct()
     t = ct.table
     for batched in (False, True):  # compile both
@@ -414,6 +445,8 @@ attach:
              "fw_nat_reply": established([(nat, nats), (fw, fws)], reply=True),
              "natf_est": established([(natf, natfs)]),
              "natf_reply": established([(natf, natfs)], reply=True),
+             "fw_nat_fused_est": established([(fused, None)]),
+             "fw_nat_fused_reply": established([(fused, None)], reply=True),
              "mem_pace": mem_pace}
     del new_flow
     return steps, fill_s, len(fws.ct.table), len(nats.ct.table)

@@ -18,6 +18,7 @@ from test_nat import IN_MAC, NAT_IP, OUT_MAC, checksums_ok, frame
 from test_reload import reload
 
 from dva.nf.conntrack import CT_EVENTS
+from dva.packet.batch import PacketBatch
 from dva.packet.build import ICMP, TCP, UDP, Eth, IPv4, Raw
 
 RULES = """
@@ -57,13 +58,13 @@ attach:
 """
 
 
-# the firewall's conntrack counters stay 0 when fused (the NAT's count the one
-# table's: its invalid count also the packets the firewall found invalid); the NAT's
-# entries of connections the firewall refuses (inbound, hairpinned) are not made, and
-# packets about them are not related to anything
-FW_CT = {f"fw {e}" for e in CT_EVENTS}
+# fused, the firewall's table holds nothing to expire (the NAT's counts its
+# connections' expiry), and the NAT's invalid count also the packets the firewall
+# found invalid; the NAT's entries of connections the firewall refuses (inbound,
+# hairpinned) are not made, and packets about them are not related to anything
+FW_CT = {"fw flows_expired"}
 NAT_MADE = {"nat dnat_flows", "nat hairpin_flows", "nat untranslated_flows"} | {
-    f"nat {e}" for e in CT_EVENTS}
+    f"nat {e}" for e in CT_EVENTS} | {"fw reopened"}  # (a refused hairpin's way out)
 
 
 class Pair:
@@ -229,7 +230,7 @@ def test_fused_pair_sends_what_two_devices_send_and_counts_the_same(seed):
     # an ICMP error about such a connection: as two devices the NAT relates it and
     # the firewall finds it invalid; fused, the NAT finds it invalid
     about = {"nat icmp_errors_translated", "fw drop/invalid", "nat drop/invalid",
-             "fw.outside rx", "nat.inside tx"}
+             "fw.outside rx", "nat.inside tx", "fw invalid"}
     f, a = pair.counters(FW_CT | NAT_MADE | about)
     assert f == a
     f_all, a_all = pair.counters()
@@ -240,9 +241,11 @@ def test_fused_pair_sends_what_two_devices_send_and_counts_the_same(seed):
     assert h["nat icmp_errors_translated"] - g["nat icmp_errors_translated"] == moved
     assert h["fw.outside rx"] - g["fw.outside rx"] == moved
     assert h["nat.inside tx"] - g["nat.inside tx"] == moved
+    assert h["fw invalid"] - g["fw invalid"] == moved
     # what differs, differs only as the module says: entries not made, not counted
     assert all(f_all.get(k, 0) <= a_all.get(k, 0) for k in NAT_MADE - {"nat invalid"})
-    assert not any(k in f_all for k in FW_CT)
+    assert f_all["fw flows_created"] > f_all["nat flows_created"]  # hairpins: two each
+    assert "fw flows_expired" not in f_all
     f = f_all
     assert f["fw drop/denied"] > 0 and f["fw drop/rejected"] > 0
     assert f["fw rst_sent"] > 0 and f["fw icmp_sent"] > 0
@@ -264,6 +267,7 @@ def test_where_nothing_is_refused_every_nat_counter_is_the_same():
     # also on batches the firewall dropped whole, and reclaims sooner)
     f, a = pair.counters(FW_CT | {"nat invalid", "nat flows_expired"})
     assert f == a
+    assert f["fw flows_created"] > f["nat flows_created"] > 0  # hairpins: two a piece
     assert f["nat hairpin_flows"] > 0 and f["nat dnat_flows"] > 0
     f, a = pair.counters()
     assert f["nat invalid"] == a["nat invalid"] + a["fw invalid"] > a["fw invalid"] > 0
@@ -306,3 +310,41 @@ def test_a_reload_that_ends_the_fusion_keeps_open_connections():
                                             flags="A"))
     assert len(rig.send("outside", [back], 2.2)["inside"]) == 1
     assert rig.counters().get("fw drop/invalid", 0) == 0
+
+
+def test_a_firewall_flush_drops_the_connections_it_shares_with_the_nat():
+    rig = Rig(edge())
+    syn = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1000, flags="S"))
+    (o,) = rig.send("inside", [syn], 1.0)["outside"]
+    np_ = Ether(o)[STCP].sport
+    rig.send("outside", [outside("192.0.2.9", NAT_IP, TCP(sport=80, dport=np_, seq=5000,
+                                                          ack=1001, flags="SA"))], 1.1)
+    report = reload(rig, edge(fw_extra="    flush: true\n"), 2.0)
+    assert len(rig.engine.fused) == 1 and "nat" in report.fresh
+    assert len(rig.engine.states[1].maps.live(2.0)) == 2  # the mapping stays
+    ack = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1001, ack=5001,
+                                             flags="A"))
+    assert rig.send("inside", [ack], 2.1)["outside"] == []  # as two devices: invalid
+    assert rig.counters()["fw drop/invalid"] == 1
+    # a new connection from the same endpoint gets the same external port
+    syn = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=7000, flags="S"))
+    (o,) = rig.send("inside", [syn], 2.2)["outside"]
+    assert Ether(o)[STCP].sport == np_
+
+
+def test_time_alone_expires_the_pairs_connections_and_inside_ports_take_no_packets():
+    rig = Rig(edge())
+    q = frame("10.0.0.5", "192.0.2.9", UDP(sport=1111, dport=53))
+    assert len(rig.send("inside", [q], 1.0)["outside"]) == 1
+    eng = rig.engine
+    fw = eng.plan.device_index("fw")
+    # the firewall's tick is the pair's: it sweeps the one table (the NAT's)
+    for k in range(40):
+        eng.tick(100.0 + k, devices=[fw])
+    assert rig.counters()["nat flows_expired"] == 2  # E1 and E2
+    b = PacketBatch(rig.pool, 1)
+    b.add_frames([q])
+    with pytest.raises(ValueError, match="fw.outside is inside a firewall and NAT"):
+        eng.inject(fw, 1, b, 200.0)
+    b.release_all()
+    rig.check()

@@ -38,7 +38,7 @@ from dva.packet.batch import PacketBatch, row_copy
 from dva.packet.parse import parse_batch
 from dva.packet.pool import PacketPool, pool_copy, pool_release
 from dva.packet.steer import alias_buckets, plan_aliases
-from dva.worker.fused import FW_REASON, account, find_pairs, to_fused_ports
+from dva.worker.fused import FW_REASON, MIRROR, find_pairs
 
 DEFAULT_HOP_LIMIT = 16
 # device counter slots besides rx/tx/drops; "invalid" are verdicts the engine could
@@ -271,6 +271,11 @@ class Engine:
         The rows (and their slots) pass to the engine; ``batch`` is left empty. The
         returned per-attachment batches are reused by the next call.
         """
+        fp = self.fused_of[dev]
+        if fp is not None and port == (fp.link if dev == fp.fw else 0):
+            d = self.plan.devices[dev]
+            raise ValueError(f"{d.name}.{d.ports[port]} is inside a firewall and NAT that "
+                             f"run fused (an engine made with fuse=False runs them apart)")
         outputs = self._fresh_outputs()
         n = batch.n
         if n == 0:
@@ -320,20 +325,26 @@ class Engine:
                 self.out, self.qstart)
         for fp in self.fused:
             b.n = 0
-            to_fused_ports(meta, 0, 0)
+            fp.to_ports.target(meta, 0, 0)
             fp.process(b, self.states[fp.nat], self.states[fp.fw], 0.0)
             cf, cn = self.counters[fp.fw], self.counters[fp.nat]
-            account(meta, 0, 0, fp.outer, fp.link, FW_REASON, cf.rx, cf.tx, cf.drops,
-                    cf.misc, cn.rx, cn.tx, cn.drops, cn.misc)
+            fp.account.target(meta, 0, 0, fp.outer, fp.link, FW_REASON, cf.rx, cf.tx, cf.drops,
+                              cf.misc, cn.rx, cn.tx, cn.drops, cn.misc,
+                              self.states[fp.fw].events, self.states[fp.nat].events, fp.seen,
+                              MIRROR)
 
     def tick(self, now: float, devices: list[int] | None = None) -> list[PacketBatch]:
         """Let devices that act on time alone (``Device.ticks``; only those among
         ``devices`` if given) run; returns what they sent out of attachments, like
         :meth:`process`."""
         outputs = self._fresh_outputs()
-        ticking = [d for d, dev in enumerate(self.plan.devices) if dev.ticks
-                   and (devices is None or d in devices)
-                   and (self.fused_of[d] is None or self.fused_of[d].nat == d)]
+        ticking: list[int] = []
+        for d, dev in enumerate(self.plan.devices):
+            if dev.ticks and (devices is None or d in devices):
+                fp = self.fused_of[d]  # a fused pair ticks once, as its NAT
+                t = d if fp is None else fp.nat
+                if t not in ticking:
+                    ticking.append(t)
         if ticking:
             self._drain(ticking, outputs, now, ticking=True)
         return outputs
@@ -362,7 +373,7 @@ class Engine:
                 b.ensure_capacity(n_in * (1 + fp.max_emit))
                 c = fp.scratch
                 dest_q, dest_port = fp.dest_q, fp.dest_port
-                to_fused_ports(b.meta, n_in, 0 if d == fp.fw else 1)
+                fp.to_ports.target(b.meta, n_in, 0 if d == fp.fw else 1)
                 count_rx(b.meta, n_in, c.rx, DROP_BASE - len(fp.nat_dev.drop_reasons))
                 fp.process(b, self.states[fp.nat], self.states[fp.fw], now)
             if b.n > n_in:
@@ -372,8 +383,10 @@ class Engine:
                 self.tracer(d, b, n_in)
             if fp is not None:
                 cf, cn = self.counters[fp.fw], self.counters[fp.nat]
-                account(b.meta, n_in, b.n, fp.outer, fp.link, FW_REASON, cf.rx, cf.tx,
-                        cf.drops, cf.misc, cn.rx, cn.tx, cn.drops, cn.misc)
+                fp.account.target(b.meta, n_in, b.n, fp.outer, fp.link, FW_REASON, cf.rx,
+                                  cf.tx, cf.drops, cf.misc, cn.rx, cn.tx, cn.drops, cn.misc,
+                                  self.states[fp.fw].events, self.states[fp.nat].events,
+                                  fp.seen, MIRROR)
                 invalid = int(c.misc[C_INVALID])
             worst = b.n * max(1, len(dev.ports))
             if worst > self.sr.shape[0]:

@@ -20,13 +20,19 @@ through the pair fused and as two devices and compares every output byte), and t
 counters: :func:`account` counts each packet's path through the two devices as the
 separate pair would (the firewall's rx, tx and drops, the link between them, the
 NAT's), and rule hits and reject answers go to the firewall's counters.
-What differs, and is said here: the firewall's own conntrack counters
-(``flows_created`` ...) stay 0 (the NAT's count the one table's events); a
-connection the firewall refuses leaves no NAT entry or ``dnat_flows`` count (as
-two devices, the NAT had made them before the firewall refused); a connection the
-NAT cannot map is not kept by the firewall either (its rule hit counts again at the
-next packet); and the firewall's table stays empty (the NAT's holds the
-connections, and moves with its buckets).
+The firewall's conntrack counters are
+counted as it would have counted them (:func:`account`), but ``flows_expired`` (its
+table stays empty: the NAT's holds the connections, moves with their buckets and
+counts their expiry) and ``early_drops``/``flows_refused`` (its table never fills
+first: see below), which stay 0; the NAT's ``invalid`` counts also the packets the
+firewall finds invalid. What differs, and is said here: a connection the firewall
+refuses leaves no NAT entry (as two devices, the NAT had made one before the
+firewall refused an inbound or hairpinned connection: its ``flows_created``,
+``dnat_flows`` ... count it, and a later ICMP error about it is translated before
+the firewall drops it, where fused the NAT drops it); a connection the NAT cannot
+map is not kept by the firewall either (its rule hit counts again at the next
+packet); and the NAT's sweep, which also runs on batches the firewall would have
+dropped whole, reclaims expired entries sooner.
 
 A pair is fused only where that is exact: the firewall's ``fragments`` and
 ``invalid`` are ``drop`` (its verdicts are then the NAT's conntrack's), its timeouts
@@ -43,17 +49,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dva._jit import kernel
+from dva._jit import KernelCall, kernel
 from dva.graph.plan import Plan
 from dva.nf import firewall as fwm
 from dva.nf import nat as natm
 from dva.nf.base import DROP_BASE, Device, DeviceState
-from dva.nf.conntrack import KEY_WORDS, SWEEP_BATCH, SWEEP_TICK
+from dva.nf.conntrack import (
+    E_CREATED,
+    E_INVALID,
+    E_RELATED,
+    E_REOPENED,
+    KEY_WORDS,
+    SWEEP_BATCH,
+    SWEEP_TICK,
+)
 from dva.nf.xlat import KIND_ORIG, U_META
 from dva.packet import layout as L
 
 C_EMITTED, C_INVALID = 0, 3  # dva.worker.engine's misc counter slots
 
+# the firewall's conntrack counters that follow the NAT's: as two devices, each
+# counts these for every connection both see
+MIRROR = np.array([E_CREATED, E_REOPENED], np.int64)
 # the firewall's drop reason for each of the NAT's (-1: the NAT's alone)
 FW_REASON = np.array([fwm.DROPS.index(r) if r in fwm.DROPS else -1
                       for r in natm.DROPS], np.int64)
@@ -95,7 +112,7 @@ class FusedPair:
     dest_q: np.ndarray = field(init=False)
     dest_port: np.ndarray = field(init=False)
     max_emit: int = 1  # the firewall's reject answers
-    emit_reserve: int = 0
+    scratch: object = None  # the engine's: counters its routing pass counts into
 
     def __post_init__(self) -> None:
         fc = self.fw_dev.config
@@ -105,6 +122,14 @@ class FusedPair:
         self.cfg[natm.G_FILTER] = natm.FILTER_FRONT
         self.cfg[natm.G_FDEFAULT] = fwm.ACTIONS[fc.default]
         self.fbase = np.array([fwm.C_RST, fwm.C_DEFAULT, fwm.C_RULES], np.int64)
+        # calls typed once, not at every batch by numba's dispatcher (18 arguments)
+        self.to_ports = KernelCall(to_fused_ports)  # call .target
+        self.account = KernelCall(account)
+        self.seen = np.zeros(len(MIRROR), np.int64)  # the NAT's MIRROR counts, counted
+
+    def resync(self, nat_state: DeviceState) -> None:
+        """The NAT's counters were set (a reload carried them): follow from there."""
+        self.seen[:] = nat_state.events[MIRROR]
 
     def route(self, plan: Plan) -> None:
         self.dest_q = np.array([plan.dest_q[self.fw][self.outer],
@@ -173,13 +198,21 @@ def to_fused_ports(meta, n, port):
 
 @kernel
 def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, rx_n,
-            tx_n, drops_n, misc_n):
+            tx_n, drops_n, misc_n, ev_f, ev_n, seen, mirror):
     """Count rows [0, n) of a fused pass as the two devices would have: each row's
     path from its in-port (0: the firewall's ``outer`` port, 1: the NAT's outside)
     through the firewall, the link, the NAT (and back, hairpinned) to its verdict;
     rows [n_in, n) are the firewall's reject answers. A verdict the engine will not
-    honour (a bug) is the NAT's: it counts it as invalid."""
+    honour (a bug) is the NAT's: it counts it as invalid. The firewall's conntrack
+    counters: ``mirror`` follow the NAT's (``seen``: how far), a hairpinned
+    connection is two of its own (out, and back in; the way out also when it
+    refuses the way back), its invalid packets are the ones it drops as such (the
+    NAT's count them too), its related ones the ICMP errors that pass."""
     nreasons = drops_n.shape[0]
+    for j in range(mirror.shape[0]):
+        e = mirror[j]
+        ev_f[e] += ev_n[e] - seen[j]
+        seen[j] = ev_n[e]
     for i in range(n_in):
         row = meta[i]
         v = row[L.VERDICT]
@@ -193,11 +226,17 @@ def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, 
             if fw_r >= 0 and note != natm.N_HP_DENIED and note != natm.N_HP_REJECTED \
                     and r != natm.D_TABLE_FULL:
                 drops_f[fw_r] += 1  # the firewall's, before the link
+                if r == natm.D_INVALID:
+                    ev_f[E_INVALID] += 1
                 continue
+            if note == natm.N_HAIRPIN:
+                ev_f[E_CREATED] += 1  # the connection coming back in
             tx_f[link] += 1
             rx_n[0] += 1
             if v == 0 or v == 1:
                 tx_n[v] += 1
+                if note == natm.N_ICMP:
+                    ev_f[E_RELATED] += 1
                 if v == 0:  # hairpinned: back through the firewall
                     rx_f[link] += 1
                     tx_f[outer] += 1
@@ -205,12 +244,15 @@ def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, 
                 tx_n[0] += 1
                 rx_f[link] += 1
                 drops_f[fw_r] += 1
+                ev_f[E_CREATED] += 1  # the way out, which it let pass
             elif r >= 0:
                 drops_n[r] += 1
         else:
             rx_n[1] += 1
             if v == 0 or v == 1:
                 tx_n[v] += 1
+                if note == natm.N_ICMP and v == 0:
+                    ev_f[E_RELATED] += 1
                 if v == 0:
                     rx_f[link] += 1
                     tx_f[outer] += 1

@@ -22,7 +22,11 @@ shared state, and the counters of devices that did not change. In order:
       port names are unchanged (the built-in shared tables store port numbers: a
       switch's MAC table, a router's ARP cache). An import that fails (tables of
       other shapes: ``ValueError``; a smaller limit: ``TableFull``) is reported and
-      the device starts with fresh state; other devices start fresh too.
+      the device starts with fresh state; other devices start fresh too. A
+      firewall and NAT that run fused (:mod:`dva.worker.fused`) keep their
+      connections in the NAT's table: a flush of the firewall flushes them there
+      (the NAT's mappings stay), and a reload that ends the fusion fills the
+      firewall's table from the NAT's connections.
    b. :func:`release_held`: whatever the old generation still holds is pushed out by
       a tick of the holding devices at a time beyond any hold limit, so each device
       drops it under its own named reason (the router: ``arp_timeout``) and frees
@@ -143,6 +147,10 @@ def carry_state(old: Engine, new: Engine, now: float, report: SwapReport | None 
                 ) -> SwapReport:
     """Import the old states' tables into the new states (see the module docstring)."""
     report = report or SwapReport()
+    # a NAT that runs fused with a firewall holds the firewall's connections too
+    # (dva.worker.fused): they go with the firewall's flush, the mappings stay
+    flush_with = {new.plan.devices[p.nat].name: new.plan.devices[p.fw].name
+                  for p in new.fused if new.plan.devices[p.fw].flush_on_reload}
     for d, dev in enumerate(new.plan.devices):
         o = _old_device(old, dev.name)
         if o is None:
@@ -156,6 +164,12 @@ def carry_state(old: Engine, new: Engine, now: float, report: SwapReport | None 
             report.fresh[dev.name] = "its config asks for a flush"
             continue
         src, dst = old.states[o], new.states[d]
+        if dev.name in flush_with:
+            if odev.ports == dev.ports:
+                dst.import_shared(src.export_shared(now), now)
+            report.fresh[dev.name] = (f"its connections go with {flush_with[dev.name]}'s "
+                                      f"flush: they run fused")
+            continue
         try:
             dst.import_flows(src.export_flows(None, now), now)
             if odev.ports == dev.ports:
@@ -252,6 +266,8 @@ def carry_counters(old: Engine, new: Engine, report: SwapReport | None = None) -
     new.attach_tx[:] = old.attach_tx[order]
     new.graph_drops[:] = old.graph_drops
     new.injected = old.injected
+    for fp in new.fused:  # its firewall's conntrack counters follow the NAT's from here
+        fp.resync(new.states[fp.nat])
     return report
 
 
