@@ -48,7 +48,20 @@ def validate(files: tuple[str, ...]) -> None:
                   markup=False)
         for w in app.warnings:
             out.print(f"{f}: warning: {w}", markup=False)
+        for note in _fusion_notes(app):
+            out.print(f"{f}: note: {note}", markup=False)
     sys.exit(1 if bad else 0)
+
+
+def _fusion_notes(app) -> list[str]:
+    """How firewalls linked to a NAT's inside run (dva.worker.fused)."""
+    from dva.graph.plan import compile_plan
+    from dva.worker.fused import find_pairs
+    plan = compile_plan(app)
+    pairs, why = find_pairs(plan)
+    notes = [f"{p.fw_dev.name} and {p.nat_dev.name} run fused: one connection table"
+             for p in pairs]
+    return notes + [f"not fused: {w}" for w in why]
 
 
 def counters_table(title: str, counters: dict[str, int], show_all: bool) -> Table:

@@ -348,3 +348,17 @@ def test_time_alone_expires_the_pairs_connections_and_inside_ports_take_no_packe
         eng.inject(fw, 1, b, 200.0)
     b.release_all()
     rig.check()
+
+
+def test_dva_validate_says_how_a_firewall_in_front_of_a_nat_runs(tmp_path):
+    import subprocess
+    import sys
+    for name, text, note in [
+            ("fused.yaml", edge(), "note: fw and nat run fused: one connection table"),
+            ("apart.yaml", edge(fw_extra="    invalid: allow\n"),
+             "note: not fused: fw -> nat: the firewall passes invalid packets")]:
+        (tmp_path / name).write_text(text)
+        p = subprocess.run([sys.executable, "-m", "dva.cli", "validate", name],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines()[-1] == f"{name}: {note}"
