@@ -301,6 +301,7 @@ def test_a_reload_that_ends_the_fusion_keeps_open_connections():
     # the firewall now passes fragments: the pair runs as two devices
     report = reload(rig, edge(fw_extra="    fragments: allow\n"), 2.0)
     assert "fw" in report.state_kept and "nat" in report.state_kept
+    assert len(rig.engine.states[0].ct.table.live(2.0)) == 1  # the connection, E1
     assert rig.engine.fused == []
     ack = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1001, ack=5001,
                                              flags="A") / Raw(b"hi"))
@@ -362,3 +363,13 @@ def test_dva_validate_says_how_a_firewall_in_front_of_a_nat_runs(tmp_path):
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         assert p.stdout.splitlines()[-1] == f"{name}: {note}"
+
+
+def test_a_nat_flush_that_ends_the_fusion_leaves_the_firewall_its_connections():
+    rig = Rig(edge())
+    q = frame("10.0.0.5", "192.0.2.9", UDP(sport=1111, dport=53))
+    rig.send("inside", [q], 1.0)
+    reload(rig, edge(fw_extra="    invalid: allow\n", nat_extra="    flush: true\n"), 2.0)
+    assert rig.engine.fused == []
+    assert len(rig.engine.states[0].ct.table.live(2.0)) == 1  # as two devices
+    assert len(rig.engine.states[1].ct.table.live(2.0)) == 0  # flushed

@@ -190,17 +190,15 @@ def carry_state(old: Engine, new: Engine, now: float, report: SwapReport | None 
 
 def _unfuse(old: Engine, new: Engine, now: float, report: SwapReport) -> None:
     """A firewall that ran fused with its NAT (dva.worker.fused) and now runs alone
-    gets the NAT's connections, so that none of them is cut."""
+    gets the connections the NAT held (also when the NAT's new config flushes its
+    own), so that none of them is cut."""
     still = {(new.plan.devices[p.fw].name, new.plan.devices[p.nat].name) for p in new.fused}
     for p in old.fused:
         fw, nat = old.plan.devices[p.fw].name, old.plan.devices[p.nat].name
-        if (fw, nat) in still or fw not in report.state_kept or nat not in report.state_kept:
-            continue
-        f, n = new.plan.device_index(fw), new.plan.device_index(nat)
-        if new.plan.devices[f].type_name != "firewall" or new.plan.devices[n].type_name != "nat":
+        if (fw, nat) in still or fw not in report.state_kept:
             continue
         try:
-            seed_firewall(new.states[f], new.states[n], now)
+            seed_firewall(new.states[new.plan.device_index(fw)], old.states[p.nat], now)
         except TableFull as e:
             report.problems.append(f"{fw}: the connections it ran fused with {nat} did "
                                    f"not all fit its table ({e})")
