@@ -291,13 +291,20 @@ def test_a_pair_that_would_not_behave_the_same_is_not_fused(fw_extra, nat_extra,
     assert len(rig.engine.states[0].ct.table.live(1.0)) == 1
 
 
-def test_a_reload_that_ends_the_fusion_keeps_open_connections():
-    rig = Rig(edge())
+def open_tcp(rig: Rig) -> int:
+    """A TCP connection from 10.0.0.5:40000 to 192.0.2.9:80, SYN and SYN/ACK (its
+    ACK, seq 1001, comes next); returns its external port."""
     syn = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1000, flags="S"))
     (o,) = rig.send("inside", [syn], 1.0)["outside"]
     np_ = Ether(o)[STCP].sport
     rig.send("outside", [outside("192.0.2.9", NAT_IP, TCP(sport=80, dport=np_, seq=5000,
                                                           ack=1001, flags="SA"))], 1.1)
+    return np_
+
+
+def test_a_reload_that_ends_the_fusion_keeps_open_connections():
+    rig = Rig(edge())
+    np_ = open_tcp(rig)
     # the firewall now passes fragments: the pair runs as two devices
     report = reload(rig, edge(fw_extra="    fragments: allow\n"), 2.0)
     assert "fw" in report.state_kept and "nat" in report.state_kept
@@ -315,11 +322,7 @@ def test_a_reload_that_ends_the_fusion_keeps_open_connections():
 
 def test_a_firewall_flush_drops_the_connections_it_shares_with_the_nat():
     rig = Rig(edge())
-    syn = frame("10.0.0.5", "192.0.2.9", TCP(sport=40000, dport=80, seq=1000, flags="S"))
-    (o,) = rig.send("inside", [syn], 1.0)["outside"]
-    np_ = Ether(o)[STCP].sport
-    rig.send("outside", [outside("192.0.2.9", NAT_IP, TCP(sport=80, dport=np_, seq=5000,
-                                                          ack=1001, flags="SA"))], 1.1)
+    np_ = open_tcp(rig)
     report = reload(rig, edge(fw_extra="    flush: true\n"), 2.0)
     assert len(rig.engine.fused) == 1 and "nat" in report.fresh
     assert len(rig.engine.states[1].maps.live(2.0)) == 2  # the mapping stays

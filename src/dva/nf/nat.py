@@ -912,16 +912,26 @@ class Nat(Device):
 
     def _bind(self, state: NatState, rows: int) -> tuple[tuple, int]:
         """nat_kernel's arguments that stay the same (:meth:`DeviceState.bound`)."""
+        return self.bind_with(state, rows, self.cfg, self.rules, state.events, self.fbase)
+
+    def bind_with(self, state: NatState, rows: int, cfg, rules, fev, fbase
+                  ) -> tuple[tuple, int]:
+        """:meth:`_bind` with another filter: ``cfg``, ``rules``, and where its
+        counters are (``fev``, ``fbase``: :func:`_filter`)."""
         t, m = state.ct.table, state.maps
         hints = state.scratch(rows, "hints")
         return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, m.keys, m.vals,
                 m.state, m.bucket, m.expires, m.info, state.ct.key, state.key2, state.mkey,
-                hints, self.pool, self.pool_h, self.static, self.dnat, self.cfg,
-                self.rules, state.events, self.fbase, self.timeouts, state.events,
-                state.flags), len(hints)
+                hints, self.pool, self.pool_h, self.static, self.dnat, cfg, rules, fev,
+                fbase, self.timeouts, state.events, state.flags), len(hints)
 
     def process(self, batch, state: NatState, now: float) -> None:
-        call, args = state.bound(self, nat_kernel, self._bind, batch.n)
+        self.run(self, batch, state, now, self._bind)
+
+    def run(self, owner, batch, state: NatState, now: float, build) -> None:
+        """nat_kernel over ``batch`` with the arguments ``build`` gives (bound once
+        for ``owner``: :meth:`DeviceState.bound`), then the tables' upkeep."""
+        call, args = state.bound(owner, nat_kernel, build, batch.n)
         pool = batch.pool
         batch.n = call.target(pool.data, pool.free, pool.top, pool.headroom, batch.meta,
                               batch.n, state.bucket_mask, float(now),

@@ -60,8 +60,6 @@ from dva.nf.conntrack import (
     E_RELATED,
     E_REOPENED,
     KEY_WORDS,
-    SWEEP_BATCH,
-    SWEEP_TICK,
 )
 from dva.nf.xlat import KIND_ORIG, U_META
 from dva.packet import layout as L
@@ -137,30 +135,12 @@ class FusedPair:
         self.dest_port = np.array([plan.dest_port[self.fw][self.outer],
                                    plan.dest_port[self.nat][1]], np.int64)
 
-    def _bind(self, state: DeviceState, fw_state: DeviceState, rows: int):
-        t, m = state.ct.table, state.maps
-        hints = state.scratch(rows, "hints")
-        n = self.nat_dev
-        return (t.keys, t.vals, t.state, t.bucket, t.expires, t.info, m.keys, m.vals,
-                m.state, m.bucket, m.expires, m.info, state.ct.key, state.key2, state.mkey,
-                hints, n.pool, n.pool_h, n.static, n.dnat, self.cfg, self.rules,
-                fw_state.events, self.fbase, n.timeouts, state.events,
-                state.flags), len(hints)
-
     def process(self, batch, state, fw_state, now: float) -> None:
         """The NAT's kernel over ``batch`` (rows' ``IN_PORT`` in the fused numbering)
-        with the firewall's rules in front."""
-        call, args = state.bound(self, natm.nat_kernel,
-                                 lambda st, rows: self._bind(st, fw_state, rows), batch.n)
-        pool = batch.pool
-        batch.n = call.target(pool.data, pool.free, pool.top, pool.headroom, batch.meta,
-                              batch.n, state.bucket_mask, float(now),
-                              SWEEP_BATCH if batch.n else SWEEP_TICK, *args)
-        rebuild = state.flags[0]
-        if rebuild:
-            state.ct.after_batch(rebuild & 1, state.events, now)
-            if rebuild & 2:
-                state.maps.rebuild(now)
+        with the firewall's rules in front, counting in the firewall's counters."""
+        n = self.nat_dev
+        n.run(self, batch, state, now, lambda st, rows: n.bind_with(
+            st, rows, self.cfg, self.rules, fw_state.events, self.fbase))
 
 
 def find_pairs(plan: Plan) -> tuple[list[FusedPair], list[str]]:
