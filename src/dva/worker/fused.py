@@ -15,32 +15,36 @@ the outside: after destination translation; a hairpinned connection twice, out a
 back in), counted in the firewall's counters, before the NAT makes any entry.
 
 What stays as it was: the appliance (both devices, their names, ports and configs),
-the packets each attachment sends (:mod:`tests.unit.test_fused` runs the same traces
-through the pair fused and as two devices and compares every output byte), and the
-counters: :func:`account` counts each packet's path through the two devices as the
-separate pair would (the firewall's rx, tx and drops, the link between them, the
-NAT's), and rule hits and reject answers go to the firewall's counters.
-The firewall's conntrack counters are
-counted as it would have counted them (:func:`account`), but ``flows_expired`` (its
-table stays empty: the NAT's holds the connections, moves with their buckets and
-counts their expiry) and ``early_drops``/``flows_refused`` (its table never fills
-first: see below), which stay 0; the NAT's ``invalid`` counts also the packets the
-firewall finds invalid. What differs, and is said here: a connection the firewall
-refuses leaves no NAT entry (as two devices, the NAT had made one before the
-firewall refused an inbound or hairpinned connection: its ``flows_created``,
-``dnat_flows`` ... count it, and a later ICMP error about it is translated before
-the firewall drops it, where fused the NAT drops it); a connection the NAT cannot
-map is not kept by the firewall either (its rule hit counts again at the next
-packet); and the NAT's sweep, which also runs on batches the firewall would have
-dropped whole, reclaims expired entries sooner.
+the packets each attachment sends (``tests/unit/test_fused.py`` runs the same
+traces through the pair fused and as two devices and compares every output byte),
+and the counters: :func:`account` counts each packet's path through the two devices
+as the separate pair would (the firewall's rx, tx and drops, the link between them,
+the NAT's); rule hits and reject answers go to the firewall's counters, and its
+conntrack counters are counted as it would have counted them, but
+``flows_expired`` (its table stays empty: the NAT's holds the connections, moves
+with their buckets and counts their expiry) and ``early_drops``/``flows_refused``
+(its table never fills first: see below), which stay 0.
 
-A pair is fused only where that is exact: the firewall's ``fragments`` and
-``invalid`` are ``drop`` (its verdicts are then the NAT's conntrack's), its timeouts
-are the NAT's, its ``max_flows`` is at least twice the NAT's (it never fills before
-the NAT, whose table holds up to two entries a connection), and the NAT has no
-``filter`` of its own. :func:`blockers` says why a linked pair is not fused. A
-config reload that ends a fusion fills the firewall's table from the NAT's
-connections (:func:`seed_firewall`), so that no open connection is cut.
+What differs, and is said here: the NAT's ``invalid`` counts also the packets the
+firewall finds invalid; a connection the firewall refuses leaves no NAT entry (as
+two devices, the NAT had made one before the firewall refused an inbound or
+hairpinned connection: its ``flows_created``, ``dnat_flows`` ... counted it, and a
+later ICMP error about it was translated before the firewall dropped it, where
+fused the NAT drops it); a connection the NAT cannot map is not kept by the
+firewall either (its rule hit counts again at the next packet); the NAT's sweep,
+which also runs on batches the firewall would have dropped whole, reclaims expired
+entries sooner; and a packet crossing the pair counts one hop, not two (only a
+wiring loop notices: it ends as ``hop_limit`` a few passes later).
+
+A pair is fused only where the firewall would decide as the NAT's conntrack does:
+its ``fragments`` and ``invalid`` are ``drop``, its timeouts are the NAT's, its
+``max_flows`` is at least twice the NAT's (it never fills before the NAT, whose
+table holds up to two entries a connection), and the NAT has no ``filter`` of its
+own. :func:`blockers` says why a linked pair is not fused. Reloads
+(:mod:`dva.worker.reload`): a flush of the firewall drops the connections from the
+NAT's table (its mappings stay); a reload that ends a fusion fills the firewall's
+table from the old NAT's connections (:func:`seed_firewall`), so that no open
+connection is cut.
 """
 
 from __future__ import annotations
