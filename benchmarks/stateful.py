@@ -180,7 +180,8 @@ def build(flows: int):
     from dva.packet.build import UDP, Eth, IPv4
     from dva.packet.parse import parse_batch
     from dva.packet.pool import PacketPool
-    from dva.worker.fused import FW_REASON, MIRROR, find_pairs
+    from dva.worker.engine import DeviceCounters
+    from dva.worker.fused import find_pairs
 
     app_text = f"""
 appliance: bench
@@ -223,8 +224,7 @@ attach:
         f"max_flows: {flows + 16}\n  nat:", f"max_flows: {2 * (flows + 16)}\n  nat:")))
     (pair,), _ = find_pairs(fplan)
     ffws, fnats = (d.new_state() for d in fplan.devices)
-    fcount = [np.zeros(2, np.int64) for _ in range(4)] + [
-        np.zeros(len(d.drop_reasons), np.int64) for d in fplan.devices]
+    fcount = [DeviceCounters.for_device(d) for d in fplan.devices]
 
     class Fused:
         """The fused pair as the engine runs it: the NAT's pass with the firewall's
@@ -233,12 +233,8 @@ attach:
 
         def process(self, b, _st, now):
             pair.process(b, fnats, ffws, now)
-            rx_f, tx_f, rx_n, tx_n, drops_f, drops_n = fcount
-            pair.account.target(b.meta, b.n, b.n, pair.outer, pair.link, FW_REASON, rx_f,
-                                tx_f, drops_f, misc, rx_n, tx_n, drops_n, misc, ffws.events,
-                                fnats.events, pair.seen, MIRROR)
+            pair.count(b.meta, b.n, b.n, *fcount, ffws, fnats)
 
-    misc = np.zeros(4, np.int64)
     fused = Fused()
     pool = PacketPool(4 * BATCH)
     b = PacketBatch(pool, BATCH)

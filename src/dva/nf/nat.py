@@ -177,6 +177,7 @@ from dva.nf.xlat import (
     touch_e2,
     translate,
     translate_first,
+    x_tuple,
 )
 from dva.packet import layout as L
 from dva.packet.checksum import (
@@ -680,8 +681,8 @@ def _new_conn(data, row, keys, vals, state, bucket, expires, info, mkeys, mvals,
 @kernel
 def _e1_live(keys, vals, state, expires, info, key2, e2, zone, now):
     """Whether the connection whose E2 is ``e2`` still lives (its E1)."""
-    os_, osp, od, odp, _, _, _, _ = conn_tuples(keys, vals, e2)
-    ct_make_key(key2, zone, (keys[e2, 1] >> 32) & 0xFF, os_, osp, od, odp)
+    sa, sp, da, dp = x_tuple(vals, e2)  # an E2 keeps O
+    ct_make_key(key2, zone, (keys[e2, 1] >> 32) & 0xFF, sa, sp, da, dp)
     e1 = tbl_lookup(keys, state, expires, info, key2, now)
     return e1 >= 0 and entry_kind(vals, e1) == KIND_ORIG
 

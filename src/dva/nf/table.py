@@ -521,7 +521,7 @@ class TableFull(RuntimeError):
     """Entries could not be imported because the table is at its limit."""
 
 
-def _columns(records: np.ndarray, key_words: int, value_words: int
+def record_columns(records: np.ndarray, key_words: int, value_words: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Column views of records (a table's, or :meth:`HashTable.take_entries`'):
     expiry (float64), key words, bucket, value words -- the one place their order
@@ -564,7 +564,7 @@ class HashTable:
         self.records = raw[off:off + cap * width].reshape(cap, width)
         self.state = np.zeros(cap, np.int8)
         # the bucket is meaningful in used slots only
-        self.expires, self.keys, self.bucket, self.vals = _columns(
+        self.expires, self.keys, self.bucket, self.vals = record_columns(
             self.records, key_words, value_words)
         self.info = np.zeros(NINFO, np.int64)
         self.info[I_MAX] = max_entries
@@ -698,7 +698,7 @@ class HashTable:
             raise ValueError(f"entries of {kw}+{vw} words do not fit a table of "
                              f"{self.key_words}+{self.value_words}")
         # column views of the records (no copies: they may be a staged file's pages)
-        rexp, rkeys, rbucket, rvals = _columns(r, kw, vw)
+        rexp, rkeys, rbucket, rvals = record_columns(r, kw, vw)
         failed = _import(self.keys, self.vals, self.state, self.bucket, self.expires,
                          self.info, rkeys, rvals, rbucket, rexp, now, False)
         if failed:

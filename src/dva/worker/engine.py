@@ -38,7 +38,7 @@ from dva.packet.batch import PacketBatch, row_copy
 from dva.packet.parse import parse_batch
 from dva.packet.pool import PacketPool, pool_copy, pool_release
 from dva.packet.steer import alias_buckets, plan_aliases
-from dva.worker.fused import FW_REASON, MIRROR, find_pairs
+from dva.worker.fused import find_pairs
 
 DEFAULT_HOP_LIMIT = 16
 # device counter slots besides rx/tx/drops; "invalid" are verdicts the engine could
@@ -327,11 +327,8 @@ class Engine:
             b.n = 0
             fp.to_ports.target(meta, 0, 0)
             fp.process(b, self.states[fp.nat], self.states[fp.fw], 0.0)
-            cf, cn = self.counters[fp.fw], self.counters[fp.nat]
-            fp.account.target(meta, 0, 0, fp.outer, fp.link, FW_REASON, cf.rx, cf.tx, cf.drops,
-                              cf.misc, cn.rx, cn.tx, cn.drops, cn.misc,
-                              self.states[fp.fw].events, self.states[fp.nat].events, fp.seen,
-                              MIRROR)
+            fp.count(meta, 0, 0, self.counters[fp.fw], self.counters[fp.nat],
+                     self.states[fp.fw], self.states[fp.nat])
 
     def tick(self, now: float, devices: list[int] | None = None) -> list[PacketBatch]:
         """Let devices that act on time alone (``Device.ticks``; only those among
@@ -382,12 +379,8 @@ class Engine:
             if self.tracer is not None:
                 self.tracer(d, b, n_in)
             if fp is not None:
-                cf, cn = self.counters[fp.fw], self.counters[fp.nat]
-                fp.account.target(b.meta, n_in, b.n, fp.outer, fp.link, FW_REASON, cf.rx,
-                                  cf.tx, cf.drops, cf.misc, cn.rx, cn.tx, cn.drops, cn.misc,
-                                  self.states[fp.fw].events, self.states[fp.nat].events,
-                                  fp.seen, MIRROR)
-                invalid = int(c.misc[C_INVALID])
+                fp.count(b.meta, n_in, b.n, self.counters[fp.fw], self.counters[fp.nat],
+                         self.states[fp.fw], self.states[fp.nat])
             worst = b.n * max(1, len(dev.ports))
             if worst > self.sr.shape[0]:
                 self._scratch(2 * worst)
@@ -396,8 +389,11 @@ class Engine:
                 dest_q, dest_port, ndev, self.nq, self.hop_limit, c.tx,
                 c.drops, c.misc, self.graph_drops, self.sr, self.sp, self.ss, self.sq,
                 self.out, self.qstart)
-            if fp is not None:  # a verdict the engine could not honour: the NAT's bug
-                self.counters[fp.nat].misc[C_INVALID] += int(c.misc[C_INVALID]) - invalid
+            if fp is not None:  # the pass's generated rows are the firewall's reject
+                # answers; a verdict the engine could not honour is the NAT's bug
+                self.counters[fp.fw].misc[C_EMITTED] += c.misc[C_EMITTED]
+                self.counters[fp.nat].misc[C_INVALID] += c.misc[C_INVALID]
+                c.misc[:] = 0
             b.n = 0
             if k == 0:
                 continue

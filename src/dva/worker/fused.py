@@ -58,17 +58,10 @@ from dva.graph.plan import Plan
 from dva.nf import firewall as fwm
 from dva.nf import nat as natm
 from dva.nf.base import DROP_BASE, Device, DeviceState
-from dva.nf.conntrack import (
-    E_CREATED,
-    E_INVALID,
-    E_RELATED,
-    E_REOPENED,
-    KEY_WORDS,
-)
+from dva.nf.conntrack import E_CREATED, E_INVALID, E_RELATED, E_REOPENED
+from dva.nf.table import record_columns
 from dva.nf.xlat import KIND_ORIG, U_META
 from dva.packet import layout as L
-
-C_EMITTED, C_INVALID = 0, 3  # dva.worker.engine's misc counter slots
 
 # the firewall's conntrack counters that follow the NAT's: as two devices, each
 # counts these for every connection both see
@@ -124,7 +117,7 @@ class FusedPair:
         self.cfg[natm.G_FILTER] = natm.FILTER_FRONT
         self.cfg[natm.G_FDEFAULT] = fwm.ACTIONS[fc.default]
         self.fbase = np.array([fwm.C_RST, fwm.C_DEFAULT, fwm.C_RULES], np.int64)
-        # calls typed once, not at every batch by numba's dispatcher (18 arguments)
+        # calls typed once, not at every batch by numba's dispatcher (16 arguments)
         self.to_ports = KernelCall(to_fused_ports)  # call .target
         self.account = KernelCall(account)
         self.seen = np.zeros(len(MIRROR), np.int64)  # the NAT's MIRROR counts, counted
@@ -132,6 +125,15 @@ class FusedPair:
     def resync(self, nat_state: DeviceState) -> None:
         """The NAT's counters were set (a reload carried them): follow from there."""
         self.seen[:] = nat_state.events[MIRROR]
+
+    def count(self, meta, n_in: int, n: int, fw_counters, nat_counters,
+              fw_state: DeviceState, nat_state: DeviceState) -> None:
+        """:func:`account` of rows [0, n) of a pass (``*_counters``: the two devices'
+        ``dva.worker.engine.DeviceCounters``)."""
+        cf, cn = fw_counters, nat_counters
+        self.account.target(meta, n_in, n, self.outer, self.link, FW_REASON, cf.rx, cf.tx,
+                            cf.drops, cn.rx, cn.tx, cn.drops, fw_state.events,
+                            nat_state.events, self.seen, MIRROR)
 
     def route(self, plan: Plan) -> None:
         self.dest_q = np.array([plan.dest_q[self.fw][self.outer],
@@ -181,13 +183,14 @@ def to_fused_ports(meta, n, port):
 
 
 @kernel
-def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, rx_n,
-            tx_n, drops_n, misc_n, ev_f, ev_n, seen, mirror):
+def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, rx_n, tx_n,
+            drops_n, ev_f, ev_n, seen, mirror):
     """Count rows [0, n) of a fused pass as the two devices would have: each row's
     path from its in-port (0: the firewall's ``outer`` port, 1: the NAT's outside)
     through the firewall, the link, the NAT (and back, hairpinned) to its verdict;
-    rows [n_in, n) are the firewall's reject answers. A verdict the engine will not
-    honour (a bug) is the NAT's: it counts it as invalid. The firewall's conntrack
+    rows [n_in, n) are the firewall's reject answers (the engine counts them as the
+    firewall's emitted rows, and a verdict it cannot honour, a bug, as the NAT's
+    invalid one: the misc counters of its routing pass). The firewall's conntrack
     counters: ``mirror`` follow the NAT's (``seen``: how far), a hairpinned
     connection is two of its own (out, and back in; the way out also when it
     refuses the way back), its invalid packets are the ones it drops as such (the
@@ -235,11 +238,11 @@ def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, 
             rx_n[1] += 1
             if v == 0 or v == 1:
                 tx_n[v] += 1
-                if note == natm.N_ICMP and v == 0:
-                    ev_f[E_RELATED] += 1
                 if v == 0:
                     rx_f[link] += 1
                     tx_f[outer] += 1
+                    if note == natm.N_ICMP:
+                        ev_f[E_RELATED] += 1
             elif r == natm.D_DENIED or r == natm.D_REJECTED:  # the firewall's rules
                 tx_n[0] += 1
                 rx_f[link] += 1
@@ -247,7 +250,6 @@ def account(meta, n_in, n, outer, link, fw_reason, rx_f, tx_f, drops_f, misc_f, 
             elif r >= 0:
                 drops_n[r] += 1
     for i in range(n_in, n):  # the firewall's reject answers
-        misc_f[C_EMITTED] += 1
         if meta[i, L.NOTE] == natm.N_HP_REPLY:  # out the link, hairpinned back
             tx_f[link] += 1
             rx_n[0] += 1
@@ -268,7 +270,6 @@ def seed_firewall(fw_state: DeviceState, nat_state: DeviceState, now: float) -> 
     runs alone; returns how many. The firewall's rule of each is unknown (0)."""
     e = nat_state.ct.table.take_entries(np.arange(nat_state.bucket_mask + 1), now)
     r = e["records"]
-    vw = int(e["words"][1])
-    vals = r[:, 2 + KEY_WORDS:2 + KEY_WORDS + vw]
+    _, _, _, vals = record_columns(r, *(int(w) for w in e["words"]))
     keep = (vals[:, U_META] & 1) == KIND_ORIG
     return fw_state.ct.table.put_entries({"records": r[keep], "words": e["words"]}, now)
